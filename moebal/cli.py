@@ -1,0 +1,63 @@
+"""The ``moebal`` command line.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only maps command names to those modules, so adding a
+command is one line in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command words -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moebal import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="moebal",
+        description="Load balancing for Mixture-of-Experts models.",
+    )
+    parser.add_argument("--version", action="version", version=f"moebal {__version__}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, (module_name, help_text) in COMMANDS.items():
+        subparsers = top
+        for i, word in enumerate(words[:-1]):
+            key = " ".join(words[: i + 1])
+            if key not in groups:
+                group_parser = subparsers.add_parser(word, help=f"{word} commands")
+                groups[key] = group_parser.add_subparsers(
+                    dest=f"{word}_command", metavar="COMMAND", required=True
+                )
+            subparsers = groups[key]
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(
+            words[-1], help=help_text, description=(module.__doc__ or help_text).strip()
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"moebal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moebal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The balancer interface and the registry of balancers by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.distributed as dist
+
+    from moebal.routing.router import RouterConfig
+
+
+@dataclass
+class RoutingContext:
+    """What a balancer may need besides the scores of one batch.
+
+    ``seq_len``: tokens per sequence when the batch is a stack of whole sequences (the
+    sequence-wise aux loss needs it). ``group``: the data-parallel process group over which
+    loads are all-reduced, or None.
+    """
+
+    logits_TE: torch.Tensor
+    seq_len: Optional[int] = None
+    group: Optional["dist.ProcessGroup"] = None
+
+
+class Balancer(nn.Module):
+    """One balancing method: how experts are chosen, and what loss or state it keeps.
+
+    The router computes ``scores_TE`` (softmax or sigmoid of the logits) and calls, in order:
+
+    1. ``select(scores_TE, top_k, ctx) -> indices_TK``: which experts each token goes to.
+       The default picks the top-k of ``selection_scores(scores_TE, ctx)``; balancers that
+       bias the choice (expert bias, dual prices) override ``selection_scores``; balancers
+       that choose differently (Sinkhorn, the exact optimum) override ``select``.
+       Gate weights never come from here: the router always takes them from the unbiased
+       ``scores_TE``.
+    2. ``loss(scores_TE, indices_TK, ctx) -> scalar``: the auxiliary loss, zero by default.
+    3. ``observe(loads_E)`` with the tokens per expert actually routed (training mode only).
+
+    ``step()`` is called once per optimizer step; balancers with state update it there.
+    All state lives in registered buffers so ``state_dict`` round-trips exactly.
+    """
+
+    name: str = ""
+
+    def __init__(self, config: "RouterConfig") -> None:
+        super().__init__()
+        self.config = config
+
+    def selection_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return scores_TE
+
+    def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
+        biased_TE = self.selection_scores(scores_TE, ctx)
+        return torch.topk(biased_TE, top_k, dim=-1, sorted=False).indices
+
+    def loss(
+        self, scores_TE: torch.Tensor, indices_TK: torch.Tensor, ctx: RoutingContext
+    ) -> torch.Tensor:
+        return scores_TE.new_zeros(())
+
+    def observe(self, loads_E: torch.Tensor, ctx: RoutingContext) -> None:
+        pass
+
+    def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:
+        pass
+
+
+BALANCERS: dict[str, type[Balancer]] = {}
+
+
+def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
+    """Class decorator: make a balancer available to ``RouterConfig(balancer=name)``."""
+
+    def wrap(cls: type[Balancer]) -> type[Balancer]:
+        if name in BALANCERS:
+            raise ValueError(f"balancer {name!r} is registered twice")
+        cls.name = name
+        BALANCERS[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_balancer("none")
+class NoBalancer(Balancer):
+    """Plain top-k of the scores: no loss, no state."""

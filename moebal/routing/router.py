@@ -1,0 +1,249 @@
+"""The router: logits in, expert choices out.
+
+``Router(config)(logits_TE)`` returns a :class:`Routing`. The balancing method is a small
+module picked by name from the registry in :mod:`moebal.routing.balancers`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from moebal.routing.balancers import BALANCERS, RoutingContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.distributed as dist
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclass
+class RouterConfig:
+    """Everything the router needs; names follow Megatron-core's ``moe_router_*`` knobs.
+
+    num_experts, top_k      E and K.
+    score_function          "softmax" or "sigmoid" over the logits (computed in float32).
+    norm_topk_prob          rescale each token's K gate weights to sum to 1.
+    capacity_factor         None = dropless; else each expert takes at most
+                            ceil(capacity_factor * T * K / E) tokens of a batch.
+    drop_policy             which tokens an over-full expert keeps: "probs" (highest gate
+                            weight) or "position" (earliest in the batch).
+    balancer                registered balancer name (see ``moebal.routing.BALANCERS``).
+    aux_loss_coeff          alpha of the auxiliary-loss balancers.
+    z_loss_coeff            beta of the router z-loss, usable with any balancer (0 = off).
+    bias_update_rate        u of the loss-free expert bias.
+    bias_update             "sign" (the paper's) or "proportional".
+    bip_iters               T_iter: dual iterations per batch of the BIP balancer.
+    bip_order               "paper" (update q on the batch, then route it) or "causal"
+                            (route with the previous q, then update it).
+    quantile_ema            EMA weight of the quantile balancer's beta across steps (0 = off).
+    sinkhorn_iters          Sinkhorn normalisation iterations.
+    """
+
+    num_experts: int
+    top_k: int = 2
+    score_function: str = "softmax"
+    norm_topk_prob: bool = False
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"
+    balancer: str = "none"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    bias_update_rate: float = 1e-3
+    bias_update: str = "sign"
+    bip_iters: int = 4
+    bip_order: str = "paper"
+    quantile_ema: float = 0.0
+    sinkhorn_iters: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k!r}"
+            )
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}"
+            )
+        if self.capacity_factor is not None and not (
+            math.isfinite(self.capacity_factor) and self.capacity_factor > 0
+        ):
+            raise ValueError(
+                f"capacity_factor must be None (dropless) or a positive number, "
+                f"got {self.capacity_factor!r}"
+            )
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(
+                f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}"
+            )
+        if self.balancer not in BALANCERS:
+            raise ValueError(
+                f"unknown balancer {self.balancer!r}; known: {sorted(BALANCERS)}"
+            )
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "quantile_ema"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class Routing:
+    """The router's answer for one batch of T tokens.
+
+    indices_TK  int64 expert ids, distinct per token.
+    weights_TK  gate weights from the unbiased scores; 0 where the slot was dropped.
+    kept_TK     bool, False where capacity dropped the slot (all True when dropless).
+    aux_loss    the balancer's auxiliary loss (scalar; zero when it has none).
+    z_loss      the router z-loss (scalar; zero when z_loss_coeff is 0).
+    loads_E     int64 tokens per expert after drops.
+    """
+
+    indices_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    kept_TK: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    loads_E: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """What to add to the model's loss: aux loss plus z-loss."""
+        return self.aux_loss + self.z_loss
+
+
+class Router(nn.Module):
+    """Chooses top-k experts per token under the configured balancer.
+
+    ``forward(logits_TE, seq_len=None)``; ``seq_len`` is the tokens per sequence when the
+    batch stacks whole sequences (needed by ``seq_aux_loss``). ``group`` is the
+    data-parallel process group whose loads the balancer all-reduces (None: this process).
+
+    In training mode the balancer sees each batch's loads. Balancers with state update it at
+    ``step()``, to be called once per optimizer step; until ``step()`` has been called once,
+    every training-mode forward counts as a step of its own. In ``eval()`` nothing updates.
+    """
+
+    def __init__(self, config: RouterConfig, group: Optional["dist.ProcessGroup"] = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.group = group
+        self.balancer = BALANCERS[config.balancer](config)
+        self._explicit_steps = False
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"E={c.num_experts}, K={c.top_k}, score={c.score_function}, balancer={c.balancer}"
+
+    def _check(self, logits_TE: torch.Tensor) -> None:
+        if not isinstance(logits_TE, torch.Tensor):
+            raise TypeError(f"logits must be a torch.Tensor, got {type(logits_TE).__name__}")
+        if logits_TE.dim() != 2 or not logits_TE.is_floating_point():
+            raise ValueError(
+                f"logits must be a 2-D floating-point tensor [tokens, experts], got "
+                f"shape {tuple(logits_TE.shape)} dtype {logits_TE.dtype}"
+            )
+        if logits_TE.shape[1] != self.config.num_experts:
+            raise ValueError(
+                f"logits have {logits_TE.shape[1]} columns but num_experts is "
+                f"{self.config.num_experts}"
+            )
+        if logits_TE.numel() and not bool(torch.isfinite(logits_TE).all()):
+            raise ValueError("logits contain NaN or inf")
+
+    def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        logits_TE = logits_TE.float()
+        if self.config.score_function == "softmax":
+            return torch.softmax(logits_TE, dim=-1)
+        return torch.sigmoid(logits_TE)
+
+    def forward(self, logits_TE: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
+        self._check(logits_TE)
+        cfg = self.config
+        T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
+        if seq_len is not None and (seq_len < 1 or T % seq_len):
+            raise ValueError(f"seq_len={seq_len!r} does not divide the {T} tokens of the batch")
+        ctx = RoutingContext(logits_TE=logits_TE, seq_len=seq_len, group=self.group)
+        scores_TE = self.scores(logits_TE)
+
+        if T == 0:
+            empty = torch.empty(0, K, dtype=torch.int64, device=logits_TE.device)
+            zero = scores_TE.sum() * 0.0
+            return Routing(
+                indices_TK=empty,
+                weights_TK=scores_TE.new_empty(0, K),
+                kept_TK=torch.empty(0, K, dtype=torch.bool, device=logits_TE.device),
+                aux_loss=zero,
+                z_loss=zero,
+                loads_E=torch.zeros(E, dtype=torch.int64, device=logits_TE.device),
+            )
+
+        indices_TK = self.balancer.select(scores_TE, K, ctx).long()
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+        if cfg.capacity_factor is None:
+            kept_TK = torch.ones_like(indices_TK, dtype=torch.bool)
+            loads_E = torch.bincount(indices_TK.flatten(), minlength=E)
+        else:
+            kept_TK = self._capacity_mask(indices_TK, weights_TK, T)
+            weights_TK = weights_TK * kept_TK
+            loads_E = torch.bincount(indices_TK[kept_TK], minlength=E)
+
+        aux_loss = self.balancer.loss(scores_TE, indices_TK, ctx)
+        if cfg.z_loss_coeff > 0:
+            z_loss = cfg.z_loss_coeff * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+        else:
+            z_loss = scores_TE.new_zeros(())
+
+        if self.training:
+            with torch.no_grad():
+                self.balancer.observe(loads_E, ctx)
+                if not self._explicit_steps:
+                    self.balancer.step(self.group)
+
+        return Routing(indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Tokens one expert may take from a batch of ``num_tokens`` (None = unbounded)."""
+        cfg = self.config
+        if cfg.capacity_factor is None:
+            return num_tokens
+        return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))
+
+    def _capacity_mask(
+        self, indices_TK: torch.Tensor, weights_TK: torch.Tensor, T: int
+    ) -> torch.Tensor:
+        """True for the slots each expert keeps within its capacity, by the drop policy."""
+        E, K = self.config.num_experts, self.config.top_k
+        flat_expert = indices_TK.flatten()
+        if self.config.drop_policy == "probs":
+            priority = torch.argsort(weights_TK.detach().flatten(), descending=True, stable=True)
+        else:
+            priority = torch.arange(T * K, device=indices_TK.device)
+        by_expert = priority[torch.argsort(flat_expert[priority], stable=True)]
+        counts_E = torch.bincount(flat_expert, minlength=E)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        rank = torch.arange(T * K, device=indices_TK.device) - starts_E[flat_expert[by_expert]]
+        kept = torch.zeros(T * K, dtype=torch.bool, device=indices_TK.device)
+        kept[by_expert] = rank < self.capacity(T)
+        return kept.view(T, K)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One optimizer step: balancers with state update it from the loads seen since."""
+        self._explicit_steps = True
+        if self.training:
+            self.balancer.step(self.group)
