@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("demo",): ("moebal.demo", "route a skewed stream with every balancer, print MaxVio"),
+    ("bench", "router"): ("moebal.bench.router", "time every balancer against plain top-k"),
 }
 
 
