@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("moebal.demo", "route a skewed stream with every balancer, print MaxVio"),
     ("bench", "router"): ("moebal.bench.router", "time every balancer against plain top-k"),
+    ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
+    ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
 }
 
 
