@@ -54,7 +54,8 @@ class Schedule:
     tokens_moved    with per-source loads: tokens computed on a GPU other than their source;
                     None for per-expert loads.
     sends           with per-source loads: int64 [N, 4] rows (source, expert, gpu, tokens),
-                    tokens > 0, sorted; rows with source == gpu are tokens kept local.
+                    tokens > 0, sorted by (expert, source, gpu); rows with source == gpu
+                    are tokens kept local.
                     None for per-expert loads.
     method          "flow" or "highs".
     """
@@ -106,11 +107,11 @@ def _as_loads(placement: Placement, loads: object) -> tuple[np.ndarray, Optional
     if np.issubdtype(arr.dtype, np.floating):
         ok = np.isfinite(arr) & (arr == np.floor(arr))
         if not ok.all():
-            bad = np.argwhere(~ok)[0]
-            raise ValueError(f"loads must be integers; loads{list(bad)} = {arr[tuple(bad)]!r}")
+            bad = np.argwhere(~ok)[0].tolist()
+            raise ValueError(f"loads must be integers; loads{bad} = {arr[tuple(bad)].item()!r}")
     if (arr < 0).any():
-        bad = np.argwhere(arr < 0)[0]
-        raise ValueError(f"loads must be non-negative; loads{list(bad)} = {arr[tuple(bad)]!r}")
+        bad = np.argwhere(arr < 0)[0].tolist()
+        raise ValueError(f"loads must be non-negative; loads{bad} = {arr[tuple(bad)].item()!r}")
     if float(arr.sum(dtype=np.float64)) >= _MAX_TOTAL:
         raise ValueError(f"total load {arr.sum()} is too large (limit 2^50 tokens)")
     arr = arr.astype(np.int64)
@@ -400,30 +401,39 @@ def _split_sends(
 
     Each GPU first keeps its own tokens of an expert it computes (min(x[e, g], loads_SE[g, e])),
     which is the most any split of this plan can keep; the rest of every expert is matched
-    source-by-source (ascending) to GPU-by-GPU (ascending). Returns (sends [N, 4], moved).
+    source-by-source (ascending) to GPU-by-GPU (ascending). Returns (sends [N, 4] with rows
+    (source, expert, gpu, tokens) sorted by (expert, source, gpu), tokens moved).
     """
     idx = placement._index
     E, G = placement.num_experts, placement.num_gpus
     se, sg = idx.expert_N, idx.gpu_N
     keep_N = np.minimum(x_N, loads_SE[sg, se])
     need_N = x_N - keep_N  # tokens GPU g still receives for e
-    supply_ES = loads_SE.T.copy()
-    supply_ES[se, sg] -= keep_N  # tokens source s still sends for e
-    s_e, s_s = np.nonzero(supply_ES)  # row-major: sorted by (expert, source)
-    s_amt = supply_ES[s_e, s_s]
+    supply = loads_SE.T.flatten()  # [E * G] row-major by (expert, source): always a copy
+    supply[idx.key_N] -= keep_N  # tokens source s still sends for e
+    s_ids = np.flatnonzero(supply)
+    s_cum = np.cumsum(supply[s_ids])
     d_ids = np.flatnonzero(need_N)  # slots are sorted by (expert, gpu)
-    d_amt = need_N[d_ids]
-    s_cum, d_cum = np.cumsum(s_amt), np.cumsum(d_amt)
-    cuts = np.union1d(s_cum, d_cum)  # per-expert totals agree, so boundaries align
-    widths = np.diff(np.concatenate([[0], cuts]))
-    si = np.searchsorted(s_cum, cuts, side="left")
-    di = np.searchsorted(d_cum, cuts, side="left")
-    moved = np.stack([s_s[si], s_e[si], sg[d_ids[di]], widths], axis=1)
+    d_cum = np.cumsum(need_N[d_ids])
+    cuts = np.concatenate([s_cum, d_cum])  # per-expert totals agree, so boundaries align
+    cuts.sort(kind="stable")  # merges the two sorted runs
+    if len(cuts):
+        cuts = cuts[np.concatenate([cuts[1:] != cuts[:-1], [True]])]
+    widths = np.diff(cuts, prepend=0)
+    s_at = s_ids[np.searchsorted(s_cum, cuts)]
+    d_at = d_ids[np.searchsorted(d_cum, cuts)]
     kept = np.flatnonzero(keep_N)
-    local = np.stack([sg[kept], se[kept], sg[kept], keep_N[kept]], axis=1)
-    sends = np.concatenate([moved, local]).astype(np.int64)
-    sends = sends[sends[:, 3] > 0]
-    sends = sends[np.lexsort((sends[:, 2], sends[:, 1], sends[:, 0]))]
+    sends = np.empty((len(cuts) + len(kept), 4), dtype=np.int64)
+    sends[: len(cuts), 0] = s_at % G
+    sends[: len(cuts), 1] = s_at // G
+    sends[: len(cuts), 2] = sg[d_at]
+    sends[: len(cuts), 3] = widths
+    sends[len(cuts) :, 0] = sg[kept]
+    sends[len(cuts) :, 1] = se[kept]
+    sends[len(cuts) :, 2] = sg[kept]
+    sends[len(cuts) :, 3] = keep_N[kept]
+    key = (sends[:, 1] * G + sends[:, 0]) * G + sends[:, 2]
+    sends = sends[np.argsort(key, kind="stable")]  # two sorted runs: a linear merge
     return sends, int(need_N.sum())
 
 
