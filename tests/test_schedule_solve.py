@@ -55,9 +55,23 @@ def check_plan(p: Placement, loads_E: np.ndarray, s: Schedule) -> None:
     assert math.ceil(Fraction(inside, len(S))) == s.makespan
 
 
-@settings(max_examples=1000, derandomize=True, deadline=None)
-@given(instances())
-def test_flow_is_exact_feasible_and_certified(inst):
+def _quick_and_many(quick: int, many: int, strategy):
+    """Two tests from one property: ``quick`` examples always, ``many`` under the slow mark."""
+
+    def wrap(prop):
+        def run(n):
+            def test(inst):
+                prop(inst)
+
+            test.__name__ = prop.__name__
+            return given(strategy)(settings(max_examples=n, derandomize=True, deadline=None)(test))
+
+        return run(quick), pytest.mark.slow(run(many))
+
+    return wrap
+
+
+def flow_is_exact_feasible_and_certified(inst):
     p, loads = inst
     s = solve_schedule(p, loads)
     check_plan(p, loads, s)
@@ -69,9 +83,12 @@ def test_flow_is_exact_feasible_and_certified(inst):
     assert s.tokens_moved is None and s.sends is None
 
 
-@settings(max_examples=300, derandomize=True, deadline=None)
-@given(instances())
-def test_lp_optimum_equals_subset_density_and_highs(inst):
+test_flow_is_exact, test_flow_is_exact_many = _quick_and_many(150, 1500, instances())(
+    flow_is_exact_feasible_and_certified
+)
+
+
+def lp_optimum_equals_subset_density_and_highs(inst):
     p, loads = inst
     value = lp_optimum(p, loads)
     assert value == densest_subset(p, loads)[0]
@@ -79,9 +96,12 @@ def test_lp_optimum_equals_subset_density_and_highs(inst):
     assert abs(float(value) - lp) <= 1e-6 * max(1.0, lp)
 
 
-@settings(max_examples=300, derandomize=True, deadline=None)
-@given(instances(per_source=True))
-def test_locality_is_exact_and_never_worse_than_naive(inst):
+test_lp_optimum, test_lp_optimum_many = _quick_and_many(60, 400, instances())(
+    lp_optimum_equals_subset_density_and_highs
+)
+
+
+def locality_is_exact_and_never_worse_than_naive(inst):
     p, loads_SE = inst
     loads_E = loads_SE.sum(0)
     s = solve_schedule(p, loads_SE)
@@ -106,6 +126,11 @@ def test_locality_is_exact_and_never_worse_than_naive(inst):
     assert s.tokens_moved <= _blind_split_moved(plain.x_EG, loads_SE)
 
 
+test_locality, test_locality_many = _quick_and_many(60, 500, instances(per_source=True))(
+    locality_is_exact_and_never_worse_than_naive
+)
+
+
 def _blind_split_moved(x_EG: np.ndarray, loads_SE: np.ndarray) -> int:
     """Tokens moved by a north-west-corner split that ignores where tokens come from."""
     moved = 0
@@ -124,7 +149,7 @@ def _blind_split_moved(x_EG: np.ndarray, loads_SE: np.ndarray) -> int:
     return moved
 
 
-@settings(max_examples=150, derandomize=True, deadline=None)
+@settings(max_examples=100, derandomize=True, deadline=None)
 @given(instances(), st.integers(0, 2**32 - 1))
 def test_deterministic_and_warm_start_is_exact(inst, seed):
     p, loads = inst

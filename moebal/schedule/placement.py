@@ -292,8 +292,10 @@ def standard(
 
 def _block_score(holds_EG: np.ndarray) -> tuple[int, int]:
     """Integer expansion proxy: (fewest distinct neighbours of a GPU, -largest pair count)."""
-    h = holds_EG.astype(np.float32)
-    co_GG = (h.T @ h).astype(np.int64)  # exact: small integer counts
+    E, G = holds_EG.shape
+    gpus_ER = np.nonzero(holds_EG)[1].reshape(E, -1)  # every expert has r replicas here
+    pairs = (gpus_ER[:, :, None] * G + gpus_ER[:, None, :]).ravel()
+    co_GG = np.bincount(pairs, minlength=G * G).reshape(G, G)
     np.fill_diagonal(co_GG, 0)
     neighbours = int((co_GG > 0).sum(1).min())
     return neighbours, -int(co_GG.max(initial=0))
