@@ -244,3 +244,39 @@ def test_bad_inputs_name_the_problem():
         solve_schedule(p, np.full(8, 2**48))
     with pytest.raises(ValueError, match="per-expert loads"):
         solve_schedule(p, np.ones(8)).sends_SEG()
+
+
+_PLAN_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from moebal.schedule import build_placement, solve_schedule
+rng = np.random.default_rng(7)
+p = build_placement("symmetric", 16, 64, 8, seed=3)
+w = 1.0 / np.arange(1, 65)
+loads_SE = np.stack([rng.multinomial(int(n), np.full(16, 1 / 16)) for n in rng.multinomial(16 * 500, w / w.sum())], 1)
+h = hashlib.sha256()
+for loads in (loads_SE.sum(0), loads_SE):
+    s = solve_schedule(p, loads)
+    h.update(s.x_EG.tobytes())
+    h.update(repr(s.critical_gpus).encode())
+    if s.sends is not None:
+        h.update(s.sends.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_another_process_computes_the_same_plan():
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    other = subprocess.run(
+        [sys.executable, "-c", _PLAN_SCRIPT], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(_PLAN_SCRIPT, {})
+    assert other == here.getvalue() and len(other.strip()) == 64

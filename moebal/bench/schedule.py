@@ -4,7 +4,7 @@ For every (GPUs, experts) size and replica count, a symmetric placement is built
 micro-batch loads are drawn (Zipf over the experts with exponents 0.5, 1.0, 1.5, expert ranks
 shuffled; or loads from a routing trace). Reported per row, over all instances and repeats:
 median solve time of ``solve_schedule`` (exact flow solver; cold, and warm-started from the
-previous micro-batch) and of the HiGHS makespan LP (model building included, solved in the
+previous micro-batch, which has the same expert popularity) and of the HiGHS makespan LP (model building included, solved in the
 same run), their ratio, whether the makespans agree on every instance, and the makespan
 relative to the perfect-balance bound (total / GPUs) and to the ``standard`` placement
 without scheduling (every expert's tokens split evenly over its replicas).
@@ -63,10 +63,13 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def _zipf_loads(rng: np.random.Generator, E: int, exponent: float, total: int) -> np.ndarray:
+def _zipf_popularity(rng: np.random.Generator, E: int, exponent: float) -> np.ndarray:
     p = 1.0 / np.arange(1, E + 1) ** exponent
-    p = rng.permutation(p / p.sum())
-    return rng.multinomial(total, p).astype(np.int64)
+    return rng.permutation(p / p.sum())
+
+
+def _zipf_loads(rng: np.random.Generator, E: int, exponent: float, total: int) -> np.ndarray:
+    return rng.multinomial(total, _zipf_popularity(rng, E, exponent)).astype(np.int64)
 
 
 def load_trace(path: str) -> np.ndarray:
@@ -136,17 +139,19 @@ def run_bench(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]
             baseline = standard(G, E, slots)
         except ValueError:
             baseline = None
-        if trace is not None:
-            pick = np.linspace(0, len(trace) - 1, args.instances + 1).astype(np.int64)
-            loads = [trace[i] for i in pick]
-        else:
-            loads = [
-                _zipf_loads(rng, E, z, G * args.tokens_per_gpu) for _ in range(args.instances + 1)
-            ]
+        # pairs of consecutive micro-batches: (instance, the next one, for the warm start)
+        pairs = []
+        for i in range(args.instances):
+            if trace is not None:
+                j = int(i * (len(trace) - 1) // max(args.instances, 1))
+                pairs.append((trace[j], trace[min(j + 1, len(trace) - 1)]))
+            else:  # same expert popularity, fresh tokens
+                p = _zipf_popularity(rng, E, z)
+                total = G * args.tokens_per_gpu
+                pairs.append((rng.multinomial(total, p), rng.multinomial(total, p)))
         t_ours, t_warm, t_highs = [], [], []
         equal, span_ratio, std_ratio = 0, [], []
-        for i in range(args.instances):
-            cur, nxt = loads[i], loads[i + 1]
+        for cur, nxt in pairs:
             t, sched = _median_time(lambda: solve_schedule(placement, cur), args.repeats)
             t_ours.append(t)
             tw, _ = _median_time(
