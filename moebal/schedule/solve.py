@@ -135,21 +135,6 @@ def _even_plan(idx: _SlotIndex, loads_E: np.ndarray) -> np.ndarray:
     return q_N + (idx.rot_N < load_N - q_N * idx.rep_N)
 
 
-def _warm_plan(idx: _SlotIndex, loads_E: np.ndarray, prev_x_EG: np.ndarray) -> np.ndarray:
-    """x_N: each expert's tokens split in the proportions of the previous plan."""
-    prev_N = prev_x_EG[idx.expert_N, idx.gpu_N].astype(np.int64)
-    even_N = _even_plan(idx, loads_E)
-    if (prev_N < 0).any() or float(prev_N.max(initial=0)) * float(loads_E.max(initial=0)) >= 2**62:
-        return even_N  # not a usable plan: start cold
-    prev_E = np.add.reduceat(prev_N, idx.start_E)
-    has_E = prev_E > 0
-    share_N = loads_E[idx.expert_N] * prev_N // np.maximum(prev_E, 1)[idx.expert_N]
-    rem_N = (loads_E - np.add.reduceat(share_N, idx.start_E))[idx.expert_N]
-    q_N = rem_N // idx.rep_N
-    share_N = share_N + q_N + (idx.rot_N < rem_N - q_N * idx.rep_N)
-    return np.where(has_E[idx.expert_N], share_N, even_N)
-
-
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -600,7 +585,9 @@ def solve_schedule(
     loads   int [E] tokens per expert, or int [G, E] tokens per (source GPU, expert).
     method  "flow" (exact combinatorial solver) or "highs" (LP reference).
     prev    the previous micro-batch's schedule on the same placement (flow only): its
-            proportions seed the plan and its critical GPU set seeds the lower bound.
+            critical GPU set seeds the lower bound. (Its proportions are deliberately not
+            reused as a starting plan: an even split, which spreads every expert over all its
+            replicas, leaves more residual paths and routed faster in measurements.)
 
     Returns a :class:`Schedule` whose makespan is ``ceil(LP optimum)``. With [G, E] loads the
     plan also minimises the tokens computed away from their source GPU among all plans of
@@ -625,16 +612,15 @@ def solve_schedule(
             raise ValueError(
                 f"prev schedule is for {prev.x_EG.shape} experts x GPUs, not ({E}, {G})"
             )
-        x_N = _warm_plan(idx, loads_E, prev.x_EG)
         if prev.critical_gpus:
             mask = np.zeros(G, dtype=bool)
             mask[list(prev.critical_gpus)] = True
             T_prev = _ceil_div(_covered_load(idx, loads_E, mask), int(mask.sum()))
             if T_prev > T:
                 T, cert_G = T_prev, mask
-    else:
-        x_N = _even_plan(idx, loads_E)
-    T_pre, pre_G = _prefix_bound(idx, loads_E, _gpu_loads(idx, x_N, G), G)
+    x_N = _even_plan(idx, loads_E)
+    load_G = _gpu_loads(idx, x_N, G)
+    T_pre, pre_G = _prefix_bound(idx, loads_E, load_G, G)
     if T_pre > T:
         T, cert_G = T_pre, pre_G
     x_N, T, cert_G = _min_makespan(idx, loads_E, x_N, T, cert_G, E, G)
