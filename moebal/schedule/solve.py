@@ -278,17 +278,38 @@ def _residual_max_flow(
     Network: source -> GPU g above target (its excess); GPU g -> expert e (x[e, g]); expert
     e -> any holder (unbounded); GPU h below target -> sink (its room). Returns the new plan.
     """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
     se, sg = idx.expert_N, idx.gpu_N
+    N = len(se)
     over = np.flatnonzero(excess_G > 0)
-    under = np.flatnonzero(excess_G < 0)
-    pos = x_N > 0
-    src, snk = E + G, E + G + 1
+    under_G = excess_G < 0
+    # CSR rows, built in order: experts (arcs to every holder), GPUs (arcs to the experts
+    # they hold tokens of, then to the sink when below target), source (arcs to GPUs above)
+    ids = idx.by_gpu_N[x_N[idx.by_gpu_N] > 0]  # slots with tokens, by (GPU, expert)
+    gs = sg[ids]
+    per_G = np.bincount(gs, minlength=G)
+    row_G = per_G + under_G
+    start_G = np.cumsum(row_G) - row_G
+    rank = np.arange(len(ids)) - (np.cumsum(per_G) - per_G)[gs]
+    gpu_idx = np.empty(int(row_G.sum()), dtype=np.int32)
+    gpu_cap = np.empty(len(gpu_idx), dtype=np.int64)
+    gpu_idx[start_G[gs] + rank] = se[ids]
+    gpu_cap[start_G[gs] + rank] = x_N[ids]
+    sink_at = (start_G + per_G)[under_G]
+    gpu_idx[sink_at] = E + G + 1
+    gpu_cap[sink_at] = -excess_G[under_G]
+    indptr = np.concatenate(
+        [idx.start_E, N + np.cumsum(np.concatenate([[0], row_G])), [N + len(gpu_idx) + len(over)] * 2]
+    ).astype(np.int32)
     big = int(excess_G[over].sum())
-    tail = np.concatenate([np.full(len(over), src), E + sg[pos], se, E + under])
-    head = np.concatenate([E + over, se[pos], E + sg, np.full(len(under), snk)])
-    cap = np.concatenate([excess_G[over], x_N[pos], np.full(len(se), big), -excess_G[under]])
-    _, net_N = _flow.max_flow(E + G + 2, tail, head, cap, src, snk, se, E + sg, rows_first=E)
-    return x_N + net_N
+    indices = np.concatenate([E + sg, gpu_idx, E + over]).astype(np.int32)
+    data = np.concatenate([np.full(N, big), gpu_cap, excess_G[over]]).astype(np.int32)
+    graph = csr_array((data, indices, indptr), shape=(E + G + 2, E + G + 2))
+    flow = maximum_flow(graph, E + G, E + G + 1, method="dinic").flow
+    # expert rows hold exactly the expert -> holder entries, in slot order: the net flows
+    return x_N + flow.data[:N]
 
 
 def _route(
