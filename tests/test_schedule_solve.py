@@ -280,3 +280,11 @@ def test_another_process_computes_the_same_plan():
     with contextlib.redirect_stdout(here):
         exec(_PLAN_SCRIPT, {})
     assert other == here.getvalue() and len(other.strip()) == 64
+
+
+def test_scheduler_registry():
+    from moebal.schedule import METHODS, SCHEDULERS, register_scheduler
+
+    assert set(METHODS) == {"flow", "highs"} and set(SCHEDULERS) >= set(METHODS)
+    with pytest.raises(ValueError, match="already registered"):
+        register_scheduler("flow")(lambda *a: None)

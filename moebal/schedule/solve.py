@@ -30,14 +30,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from moebal.schedule import _flow
 from moebal.schedule.placement import Placement, _SlotIndex
 
-METHODS = ("flow", "highs")
 _INF = np.int64(1 << 40)
 _MAX_TOTAL = 2**50  # token totals stay far from int64 and float64-exact limits
 
@@ -594,6 +593,23 @@ def _to_dense(placement: Placement, x_N: np.ndarray) -> np.ndarray:
     return x_EG
 
 
+Scheduler = Callable[[Placement, np.ndarray, Optional[np.ndarray], Optional[Schedule]], Schedule]
+SCHEDULERS: dict[str, Scheduler] = {}
+
+
+def register_scheduler(name: str) -> Callable[[Scheduler], Scheduler]:
+    """Decorator: make ``fn(placement, loads_E, loads_SE or None, prev) -> Schedule`` available
+    as ``solve_schedule(..., method=name)``; inputs arrive validated (int64)."""
+
+    def wrap(fn: Scheduler) -> Scheduler:
+        if name in SCHEDULERS:
+            raise ValueError(f"scheduler {name!r} is already registered")
+        SCHEDULERS[name] = fn
+        return fn
+
+    return wrap
+
+
 def solve_schedule(
     placement: Placement,
     loads: np.ndarray,
@@ -604,8 +620,9 @@ def solve_schedule(
     """Schedule one micro-batch's tokens onto the expert replicas of ``placement``.
 
     loads   int [E] tokens per expert, or int [G, E] tokens per (source GPU, expert).
-    method  "flow" (exact combinatorial solver) or "highs" (LP reference).
-    prev    the previous micro-batch's schedule on the same placement (flow only): its
+    method  a name in ``SCHEDULERS``: "flow" (exact combinatorial solver, the default) or
+            "highs" (LP reference).
+    prev    the previous micro-batch's schedule on the same placement (used by "flow"): its
             critical GPU set seeds the lower bound. (Its proportions are deliberately not
             reused as a starting plan: an even split, which spreads every expert over all its
             replicas, leaves more residual paths and routed faster in measurements.)
@@ -613,32 +630,52 @@ def solve_schedule(
     Returns a :class:`Schedule` whose makespan is ``ceil(LP optimum)``. With [G, E] loads the
     plan also minimises the tokens computed away from their source GPU among all plans of
     that makespan, and ``sends`` says which source sends what where. Raises ValueError on
-    loads of the wrong shape, negative or non-integer loads, or an unknown method.
+    loads of the wrong shape, negative or non-integer loads, an unknown method, or a ``prev``
+    for another shape.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in SCHEDULERS:
+        raise ValueError(f"unknown method {method!r}; choose from {tuple(SCHEDULERS)}")
     loads_E, loads_SE = _as_loads(placement, loads)
-    if method == "highs":
-        from moebal.schedule.highs import highs_schedule
-
-        return highs_schedule(placement, loads_E, loads_SE)
-    idx = placement._index
-    E, G = placement.num_experts, placement.num_gpus
-    lower, cert_G = _simple_bound(idx, loads_E, G)
-    T = lower
     if prev is not None:
         if not isinstance(prev, Schedule):
             raise TypeError(f"prev must be a Schedule, got {type(prev).__name__}")
+        E, G = placement.num_experts, placement.num_gpus
         if prev.x_EG.shape != (E, G):
             raise ValueError(
                 f"prev schedule is for {prev.x_EG.shape} experts x GPUs, not ({E}, {G})"
             )
-        if prev.critical_gpus:
-            mask = np.zeros(G, dtype=bool)
-            mask[list(prev.critical_gpus)] = True
-            T_prev = _ceil_div(_covered_load(idx, loads_E, mask), int(mask.sum()))
-            if T_prev > T:
-                T, cert_G = T_prev, mask
+    return SCHEDULERS[method](placement, loads_E, loads_SE, prev)
+
+
+@register_scheduler("highs")
+def _schedule_highs(
+    placement: Placement,
+    loads_E: np.ndarray,
+    loads_SE: Optional[np.ndarray],
+    prev: Optional[Schedule],
+) -> Schedule:
+    from moebal.schedule.highs import highs_schedule
+
+    return highs_schedule(placement, loads_E, loads_SE)
+
+
+@register_scheduler("flow")
+def _schedule_flow(
+    placement: Placement,
+    loads_E: np.ndarray,
+    loads_SE: Optional[np.ndarray],
+    prev: Optional[Schedule],
+) -> Schedule:
+    idx = placement._index
+    E, G = placement.num_experts, placement.num_gpus
+    lower, cert_G = _simple_bound(idx, loads_E, G)
+    T = lower
+    if prev is not None and prev.critical_gpus:
+        mask = np.zeros(G, dtype=bool)
+        mask[list(prev.critical_gpus)] = True
+        T_prev = _ceil_div(_covered_load(idx, loads_E, mask), int(mask.sum()))
+        if T_prev > T:
+            T, cert_G = T_prev, mask
     x_N = _even_plan(idx, loads_E)
     load_G = _gpu_loads(idx, x_N, G)
     T_pre, pre_G = _prefix_bound(idx, loads_E, load_G, G)
@@ -706,3 +743,6 @@ def even_split_makespan(placement: Placement, loads_E: np.ndarray) -> int:
     loads_E, _ = _as_loads(placement, loads_E)
     idx = placement._index
     return int(_gpu_loads(idx, _even_plan(idx, loads_E), placement.num_gpus).max(initial=0))
+
+
+METHODS = tuple(SCHEDULERS)
