@@ -41,7 +41,7 @@ _INF = np.int64(1 << 40)
 _MAX_TOTAL = 2**50  # token totals stay far from int64 and float64-exact limits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """An integer token schedule for one micro-batch.
 
@@ -325,18 +325,20 @@ def _route(
     total = int(x_N.sum())
     use_scipy = total <= _flow.INT32_MAX
     slack = 4 * int(np.sum(np.broadcast_to(cap, (G,)))) >= 5 * total
-    rounds = 0
+    rounds, flowed = 0, False
     while True:
         excess_G = _gpu_loads(idx, x_N, G) - cap
         if excess_G.max(initial=0) <= 0:
             return x_N, None
+        if use_scipy and not flowed and not (rounds < push_rounds and slack):
+            # straight to the exact max flow; what it cannot route is then certified stuck
+            x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
+            flowed = True
+            continue
         dist_G = _distance_to_under(idx, x_N, excess_G, G)
         if ((excess_G > 0) & (dist_G == _INF)).any():
             return x_N, dist_G == _INF
-        if not use_scipy or (rounds < push_rounds and slack):
-            x_N = _push_sweep(idx, x_N, cap, dist_G, G)
-        else:
-            x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
+        x_N = _push_sweep(idx, x_N, cap, dist_G, G)
         rounds += 1
 
 
