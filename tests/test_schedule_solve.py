@@ -190,6 +190,11 @@ def test_huge_loads_use_the_integer_push_path():
     s = solve_schedule(p, loads)
     check_plan(p, loads, s)
     assert s.makespan == math.ceil(lp_optimum(p, loads))
+    loads_SE = rng.integers(0, 2**30, size=(8, 16))  # locality beyond int32 too
+    s = solve_schedule(p, loads_SE)
+    check_plan(p, loads_SE.sum(0), s)
+    h = solve_schedule(p, loads_SE, method="highs")
+    assert (s.makespan, s.tokens_moved) == (h.makespan, h.tokens_moved)
 
 
 def test_zero_load_and_single_gpu():
