@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "router"): ("moebal.bench.router", "time every balancer against plain top-k"),
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
     ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
+    ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),
 }
 
 
