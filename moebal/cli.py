@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("compare",): ("moebal.report.compare", "train the model under each balancer and compare them"),
     ("report",): ("moebal.report.command", "regenerate a comparison's report from its run folder"),
 }
 

@@ -124,7 +124,7 @@ def results_table(summaries: list[MethodSummary]) -> Table:
             fmt_stat(st("sup_max_vio")),
             fmt_stat(st("max_vio_batch_first")),
             fmt_stat(st("max_vio_batch_last")),
-            fmt_time(st("wall_time_s")),
+            fmt_time(st("train_time_s")),
             fmt_throughput(st("tokens_per_s")),
             fmt_stat(st("router_time_share"), 1, 100.0, "%"),
         ])

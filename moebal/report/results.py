@@ -33,7 +33,9 @@ folder can be copied elsewhere (or only its ``results.json``) and ``moebal repor
           "max_vio_global": 0.31,                    # at the last evaluation
           "avg_max_vio": 0.42, "sup_max_vio": 2.1,   # over all training steps
           "max_vio_batch_first": 2.1, "max_vio_batch_last": 0.3,
-          "wall_time_s": 61.0, "tokens_per_s": 20150.0,
+          "train_time_s": 58.0,                      # the training steps only
+          "wall_time_s": 61.0,                       # with evaluations and checkpoints
+          "tokens_per_s": 20150.0,
           "router_time_share": 0.04,                 # router seconds / step seconds
           "series": {
             "step": [...], "loss": [...], "max_vio_batch": [...],   # per training step
@@ -72,6 +74,7 @@ RUN_METRICS = (
     "sup_max_vio",
     "max_vio_batch_first",
     "max_vio_batch_last",
+    "train_time_s",
     "wall_time_s",
     "tokens_per_s",
     "router_time_share",
