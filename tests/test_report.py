@@ -21,7 +21,7 @@ def _run(method, seed, ppl, mvg=0.5, first=1.0, sup=1.0, avg=0.5, time_s=10.0, *
         method=method, seed=seed, status="ok", failure=None, steps=10,
         final_val_ppl=ppl, final_val_loss=None, max_vio_global=mvg, avg_max_vio=avg,
         sup_max_vio=sup, max_vio_batch_first=first, max_vio_batch_last=avg,
-        wall_time_s=time_s, tokens_per_s=1000.0, router_time_share=0.05,
+        train_time_s=time_s, tokens_per_s=1000.0, router_time_share=0.05,
         series={}, load_snapshots=[],
     )
     run.update(extra)
