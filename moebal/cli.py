@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("compare",): ("moebal.report.compare", "train the model under each balancer and compare them"),
     ("report",): ("moebal.report.command", "regenerate a comparison's report from its run folder"),
+    ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
 }
 
 

@@ -1,0 +1,136 @@
+"""The one configuration dataclass of the MoE language model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from moebal.routing import RouterConfig
+
+# RouterConfig fields the model sets itself; router_options may not repeat them.
+_ROUTER_FIELDS_FROM_MODEL = ("num_experts", "top_k", "balancer")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only MoE transformer.
+
+    vocab_size          tokens in the vocabulary (embeddings are tied to the output layer).
+    seq_len             longest sequence the model takes (size of the rotary table).
+    d_model, n_layers, n_heads
+                        D, number of blocks, attention heads (D / n_heads must be even).
+    num_experts, top_k  E routed experts per MoE layer, K chosen per token.
+    expert_hidden       F, hidden size of each routed SwiGLU expert.
+    num_shared_experts  always-on SwiGLU experts of hidden F each (0 = none).
+    dense_layers        the first ``dense_layers`` blocks use a dense SwiGLU FFN.
+    dense_hidden        hidden size of those dense FFNs; None = top_k * expert_hidden,
+                        the active size of a routed layer.
+    balancer            any registered balancer name (``moebal.routing.BALANCERS``).
+    router_options      other ``RouterConfig`` keyword arguments (score_function,
+                        aux_loss_coeff, capacity_factor, ...).
+    init_std            std of the normal initialisation; residual output projections use
+                        init_std / sqrt(2 * n_layers) (GPT-2).
+    """
+
+    vocab_size: int = 8192
+    seq_len: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    num_experts: int = 16
+    top_k: int = 2
+    expert_hidden: int = 256
+    num_shared_experts: int = 0
+    dense_layers: int = 0
+    dense_hidden: Optional[int] = None
+    balancer: str = "none"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "num_experts",
+                    "top_k", "expert_hidden")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("num_shared_experts", "dense_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"head size d_model/n_heads={self.d_model // self.n_heads} must be even "
+                f"for rotary positions"
+            )
+        if self.dense_layers > self.n_layers:
+            raise ValueError(
+                f"dense_layers={self.dense_layers} exceeds n_layers={self.n_layers}"
+            )
+        if self.dense_hidden is not None and (
+            not isinstance(self.dense_hidden, int) or self.dense_hidden < 1
+        ):
+            raise ValueError(f"dense_hidden must be None or a positive int, got "
+                             f"{self.dense_hidden!r}")
+        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std)
+                and self.init_std > 0):
+            raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
+        if not isinstance(self.router_options, dict):
+            raise TypeError(
+                f"router_options must be a dict, got {type(self.router_options).__name__}"
+            )
+        for name in _ROUTER_FIELDS_FROM_MODEL:
+            if name in self.router_options:
+                raise ValueError(
+                    f"router_options may not set {name!r}; it is the model config's own field"
+                )
+        self.router_config()  # validates balancer and router options
+
+    @property
+    def ffn_dense_hidden(self) -> int:
+        """Hidden size of the dense FFN blocks."""
+        return self.dense_hidden if self.dense_hidden is not None else (
+            self.top_k * self.expert_hidden)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.n_layers - self.dense_layers
+
+    def router_config(self) -> RouterConfig:
+        """The RouterConfig every MoE layer's router is built from."""
+        known = {f.name for f in dataclasses.fields(RouterConfig)}
+        unknown = sorted(set(self.router_options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown router option(s) {unknown}; known: {sorted(known - set(_ROUTER_FIELDS_FROM_MODEL))}"
+            )
+        return RouterConfig(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            balancer=self.balancer,
+            **copy.deepcopy(self.router_options),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; ``ModelConfig.from_dict(c.to_dict()) == c``."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"ModelConfig.from_dict takes a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+        return cls(**copy.deepcopy(d))

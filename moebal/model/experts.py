@@ -1,0 +1,250 @@
+"""Routed experts computed as grouped matrix multiplies over tokens sorted by expert.
+
+The path of one MoE layer, for T tokens, K slots per token and N <= T*K kept slots:
+
+1. sort the kept slots by expert (one argsort of their expert ids), giving each expert a
+   contiguous run of rows and ``offsets_E``, the int32 cumulative row counts;
+2. gather the tokens' rows into that order: ``x_ND``;
+3. one grouped matmul per projection (``torch.nn.functional.grouped_mm``):
+   ``h_NF = silu(x_ND @ w1[e]) * (x_ND @ w3[e])``, ``y_ND = h_NF @ w2[e]`` for the run of e;
+4. scale each row by its gate weight and scatter-add it back to its token (``index_add_``).
+
+There is no Python loop over experts. Where grouped_mm cannot run (no such op in this
+torch, a dtype or device it does not take, rows not 16-byte aligned) the same computation
+runs as one batched matmul over experts padded to the largest expert's row count.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moebal.routing import Routing
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm runs forward and backward for this device type and dtype.
+
+    Decided once per (device type, dtype) by running a 2-expert problem with an empty
+    expert; the answer is cached.
+    """
+    if _GROUPED_MM is None:
+        return False
+    try:
+        a = torch.randn(3, 16, device=device_type, dtype=dtype, requires_grad=True)
+        b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([0, 3], dtype=torch.int32, device=device_type)
+        out = _GROUPED_MM(a, b, offs=offs)
+        out.backward(torch.ones_like(out))
+        ref = a.detach().float() @ b.detach()[1].float()
+        return bool(torch.allclose(out.detach().float(), ref, rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm wants every non-unit stride and the storage offset 16-byte aligned."""
+    size = t.element_size()
+    strides_ok = all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1
+                     and s != 1)
+    return strides_ok and (t.data_ptr() % 16 == 0 or t.numel() == 0)
+
+
+def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and grouped_mm_works(a.device.type, a.dtype)
+        and _aligned(a)
+        and _aligned(b)
+        and (b.shape[-1] * b.element_size()) % 16 == 0
+    )
+
+
+def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x and the weights in one dtype: the autocast dtype under autocast, else x's."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+        else x.dtype
+    return tuple(t.to(dtype) for t in (x, *weights))
+
+
+def _aligned_hidden(x: torch.Tensor, hidden: int) -> bool:
+    return (hidden * x.element_size()) % 16 == 0 and (x.shape[1] * x.element_size()) % 16 == 0
+
+
+def padded_bmm(x_ND: torch.Tensor, w_EXY: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The grouped matmul as one bmm over experts padded to the largest count.
+
+    ``x_ND`` holds the rows of expert 0, then expert 1, ... (``counts_E`` rows each);
+    returns ``[N, Y]`` with row n multiplied by the weight of its expert.
+    """
+    E = w_EXY.shape[0]
+    N = x_ND.shape[0]
+    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    row_N = torch.arange(N, device=x_ND.device) - starts_E[expert_N]
+    C = int(counts_E.max()) if E else 0
+    x_ECX = x_ND.new_zeros(E, C, x_ND.shape[1])
+    x_ECX = x_ECX.index_put((expert_N, row_N), x_ND)
+    return torch.bmm(x_ECX, w_EXY)[expert_N, row_N]
+
+
+def grouped_matmul(
+    x_ND: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    """``y[n] = x[n] @ w[e(n)]`` for rows sorted by expert.
+
+    ``offsets_E`` (int32) is the cumulative row count, ``counts_E`` (int64) the counts.
+    Uses grouped_mm where it can run, else :func:`padded_bmm`. Under autocast both operands
+    are cast to the autocast dtype (grouped_mm takes one dtype).
+    """
+    x_ND, w_EXY = _compute_dtype(x_ND, w_EXY)
+    if _use_grouped_mm(x_ND, w_EXY):
+        return _GROUPED_MM(x_ND, w_EXY, offs=offsets_E)
+    return padded_bmm(x_ND, w_EXY, counts_E)
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _GROUPED_MM(a, b, offs=offsets_E)
+
+
+class _SortedSwiGLU(torch.autograd.Function):
+    """Gather rows by expert, grouped SwiGLU, gate-weighted sum back to tokens; one node.
+
+    The backward is written out so that it is the six grouped matmuls plus a handful of
+    row gathers and elementwise passes, no more: silu(h1) is kept from the forward, and
+    in the dropless case each token's K rows are gathered back (``pos_S``: the sorted
+    position of every slot) instead of scatter-added, which is deterministic on GPUs too.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, slot_N, pos_S, offsets_E):
+        T, D = x_TD.shape
+        K = weights_TK.shape[1]
+        token_N = torch.div(slot_N, K, rounding_mode="floor")
+        weight_N = weights_TK.reshape(-1).index_select(0, slot_N)
+
+        x_ND = x_TD.index_select(0, token_N)
+        h1_NF = _gmm(x_ND, w1_EDF, offsets_E)
+        h3_NF = _gmm(x_ND, w3_EDF, offsets_E)
+        s1_NF = F.silu(h1_NF)
+        a_NF = s1_NF * h3_NF
+        y_ND = _gmm(a_NF, w2_EFD, offsets_E)
+
+        if pos_S is not None:  # dropless: out[t] = sum_k weights[t, k] * y[pos[t, k]]
+            y_TKD = y_ND.index_select(0, pos_S).view(T, K, D)
+            out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).view(T, D)
+        else:
+            out_TD = x_TD.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1))
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, s1_NF, a_NF, y_ND, weight_N,
+                              w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, pos_S, offsets_E)
+        ctx.top_k = K
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (x_ND, h1_NF, h3_NF, s1_NF, a_NF, y_ND, weight_N,
+         w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, pos_S, offsets_E) = ctx.saved_tensors
+        T, D = g_TD.shape
+        K = ctx.top_k
+        g_ND = g_TD.contiguous().index_select(0, token_N)
+
+        grad_weights_TK = None
+        if ctx.needs_input_grad[4]:
+            grad_weight_N = torch.linalg.vecdot(g_ND, y_ND)
+            if pos_S is not None:
+                grad_weights_TK = grad_weight_N.index_select(0, pos_S).view(T, K)
+            else:  # dropped slots get no gradient
+                grad_weights_TK = grad_weight_N.new_zeros(T * K).index_copy_(
+                    0, slot_N, grad_weight_N).view(T, K)
+        g_ND = g_ND * weight_N.unsqueeze(1)
+
+        grad_w2 = _gmm(a_NF.t(), g_ND, offsets_E)  # [E, F, D]
+        grad_a_NF = _gmm(g_ND, w2_EFD.transpose(1, 2), offsets_E)
+        grad_h3_NF = grad_a_NF * s1_NF
+        grad_h1_NF = torch.ops.aten.silu_backward(grad_a_NF * h3_NF, h1_NF)
+        grad_w1 = _gmm(x_ND.t(), grad_h1_NF, offsets_E)  # [E, D, F]
+        grad_w3 = _gmm(x_ND.t(), grad_h3_NF, offsets_E)
+        grad_x_ND = _gmm(grad_h1_NF, w1_EDF.transpose(1, 2), offsets_E)
+        grad_x_ND += _gmm(grad_h3_NF, w3_EDF.transpose(1, 2), offsets_E)
+        if pos_S is not None:  # sum each token's K rows: gather in [K, T] order, sum dim 0
+            pos_KT = pos_S.view(T, K).t().reshape(-1)
+            grad_x_TD = grad_x_ND.index_select(0, pos_KT).view(K, T, D).sum(0)
+        else:
+            grad_x_TD = grad_x_ND.new_zeros(T, D).index_add_(0, token_N, grad_x_ND)
+        return grad_x_TD, grad_w1, grad_w3, grad_w2, grad_weights_TK, None, None, None
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts, ``y = (silu(x @ w1) * (x @ w3)) @ w2``, as grouped matmuls.
+
+    Parameters ``w1_EDF``, ``w3_EDF`` ([E, D, F]) and ``w2_EFD`` ([E, F, D]).
+    ``forward(x_TD, routing) -> y_TD`` sums each token's kept experts' outputs weighted by
+    the gate weights; ``run_sorted(x_ND, counts_E)`` applies the experts to rows already
+    sorted by expert (what an expert-parallel runtime receives after its all-to-all).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"E={self.num_experts}, D={self.dim}, F={self.hidden}"
+
+    def reset_parameters(self, std: float = 0.02, out_std: Optional[float] = None) -> None:
+        nn.init.normal_(self.w1_EDF, std=std)
+        nn.init.normal_(self.w3_EDF, std=std)
+        nn.init.normal_(self.w2_EFD, std=std if out_std is None else out_std)
+
+    def run_sorted(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Expert outputs ``[N, D]`` for rows sorted by expert, ``counts_E[e]`` rows each."""
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h1_NF = grouped_matmul(x_ND, self.w1_EDF, offsets_E, counts_E)
+        h3_NF = grouped_matmul(x_ND, self.w3_EDF, offsets_E, counts_E)
+        return grouped_matmul(F.silu(h1_NF) * h3_NF, self.w2_EFD, offsets_E, counts_E)
+
+    def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        T, D = x_TD.shape
+        K = routing.indices_TK.shape[1]
+        expert_S = routing.indices_TK.reshape(-1)  # S = T*K slots, token-major
+        dropless = bool(routing.kept_TK.all())
+        if dropless:
+            slot_N = torch.argsort(expert_S, stable=True)
+        else:  # capacity dropped some slots: sort only the kept ones
+            kept_slot = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
+            slot_N = kept_slot[torch.argsort(expert_S[kept_slot], stable=True)]
+        counts_E = torch.bincount(expert_S[slot_N], minlength=self.num_experts)
+
+        x_cast, w1, w3, w2 = _compute_dtype(x_TD, self.w1_EDF, self.w3_EDF, self.w2_EFD)
+        weights_TK = routing.weights_TK.to(x_cast.dtype)
+        if _use_grouped_mm(x_cast, w1) and _aligned_hidden(x_cast, self.hidden):
+            offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            pos_S = None
+            if dropless:
+                pos_S = torch.empty_like(slot_N).scatter_(
+                    0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
+            with torch.autocast(x_TD.device.type, enabled=False):
+                out_TD = _SortedSwiGLU.apply(x_cast, w1, w3, w2, weights_TK, slot_N, pos_S,
+                                             offsets_E)
+            return out_TD.to(x_TD.dtype)
+
+        # fallback: plain autograd through grouped_matmul (grouped_mm or padded bmm)
+        token_N = torch.div(slot_N, K, rounding_mode="floor")
+        y_ND = self.run_sorted(x_TD.index_select(0, token_N), counts_E)
+        y_ND = y_ND * routing.weights_TK.reshape(-1)[slot_N].unsqueeze(1).to(y_ND.dtype)
+        out_TD = torch.zeros(T, D, dtype=y_ND.dtype, device=x_TD.device)
+        return out_TD.index_add_(0, token_N, y_ND).to(x_TD.dtype)
+
+
+__all__ = ["GroupedExperts", "grouped_matmul", "grouped_mm_works", "padded_bmm"]

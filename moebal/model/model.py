@@ -1,0 +1,255 @@
+"""A decoder-only Mixture-of-Experts transformer, readable top to bottom.
+
+tokens_BS -> embedding -> n_layers x Block -> RMSNorm -> tied output layer -> logits_BSV
+
+Block:  x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
+        Attention: rotary positions, causal scaled_dot_product_attention.
+        FFN: a dense SwiGLU in the first ``dense_layers`` blocks, else an MoELayer:
+             gate Linear(D->E) -> moebal Router -> GroupedExperts (+ shared experts).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moebal.model.config import ModelConfig
+from moebal.model.experts import GroupedExperts
+from moebal.routing import Router, Routing
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """cos and sin of the rotary angles, ``[2, seq_len, head_dim]`` (halves repeated)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles_SH = torch.cat([angles_SH, angles_SH], dim=-1)
+    return torch.stack([angles_SH.cos(), angles_SH.sin()])
+
+
+def apply_rotary(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """Rotate each (first-half, second-half) pair of the head dims by its position's angle."""
+    x1, x2 = x_BHSd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BHSd * cos_Sd + rotated * sin_Sd
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        H = self.n_heads
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, H, D // H).permute(2, 0, 3, 1, 4)  # [B,H,S,d]
+        cos, sin = rotary[0, :S].to(q.dtype), rotary[1, :S].to(q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoELayer(nn.Module):
+    """Gate, router, routed experts and optional shared experts on a flat ``[T, D]`` batch.
+
+    ``forward(x_TD, seq_len=None) = experts(x_TD, router(gate(x_TD), seq_len)) (+ shared)``.
+    The gate runs in float32. The routing of the last forward is kept in ``last_routing``.
+    With the class flag ``MoELayer.timing = True`` the wall time of gate + router is added
+    to ``router_seconds`` (the caller resets it, and synchronises on CUDA).
+    """
+
+    timing: bool = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, E, Fh = config.d_model, config.num_experts, config.expert_hidden
+        self.gate = nn.Linear(D, E, bias=False)
+        self.router = Router(config.router_config())
+        self.experts = GroupedExperts(E, D, Fh)
+        self.shared: Optional[SwiGLU] = (
+            SwiGLU(D, config.num_shared_experts * Fh) if config.num_shared_experts else None
+        )
+        self.last_routing: Optional[Routing] = None
+        self.router_seconds = 0.0
+
+    def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
+        start = time.perf_counter() if self.timing else 0.0
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        routing = self.router(logits_TE, seq_len)
+        if self.timing:
+            self.router_seconds += time.perf_counter() - start
+        return routing
+
+    def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> torch.Tensor:
+        routing = self.route(x_TD, seq_len)
+        self.last_routing = routing
+        y_TD = self.experts(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn: Union[MoELayer, SwiGLU] = (
+            MoELayer(config) if moe else SwiGLU(config.d_model, config.ffn_dense_hidden)
+        )
+
+    def forward(self, x_BSD: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rotary)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoELayer):
+            B, S, D = h_BSD.shape
+            return x_BSD + self.ffn(h_BSD.reshape(B * S, D), seq_len=S).view(B, S, D)
+        return x_BSD + self.ffn(h_BSD)
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, S, V]; loss = lm_loss + router_loss when targets were given;
+    router_loss sums each MoE layer's routing.loss; loads_LE int64 [MoE layers, E]."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+    lm_loss: Optional[torch.Tensor]
+    router_loss: torch.Tensor
+    loads_LE: torch.Tensor
+
+
+class MoEModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"MoEModel takes a ModelConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(config, moe=i >= config.dense_layers) for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        head_dim = config.d_model // config.n_heads
+        self.register_buffer("rotary", rotary_table(config.seq_len, head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, init_std), residual output projections scaled by
+        1/sqrt(2 * n_layers); norms at 1."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, GroupedExperts):
+                module.reset_parameters(std, out_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=out_std)
+            ffn = block.ffn
+            for swiglu in (ffn, getattr(ffn, "shared", None)):
+                if isinstance(swiglu, SwiGLU):
+                    nn.init.normal_(swiglu.w2.weight, std=out_std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def routers(self) -> list[Router]:
+        return [layer.router for layer in self.moe_layers()]
+
+    @torch.no_grad()
+    def step_routers(self) -> None:
+        """``router.step()`` for every router; call once per optimizer step."""
+        for router in self.routers():
+            router.step()
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters (the tied embedding counted once); ``active=True`` counts only the
+        top_k routed experts a token uses in each MoE layer."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            c = self.config
+            per_expert = 3 * c.d_model * c.expert_hidden
+            total -= len(self.moe_layers()) * (c.num_experts - c.top_k) * per_expert
+        return total
+
+    def _check_tokens(self, name: str, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.dtype != torch.long:
+            raise ValueError(
+                f"{name} must be an int64 tensor [batch, seq], got shape {tuple(t.shape)} "
+                f"dtype {t.dtype}"
+            )
+
+    def forward(
+        self, tokens_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None
+    ) -> ModelOutput:
+        self._check_tokens("tokens", tokens_BS)
+        B, S = tokens_BS.shape
+        if S > self.config.seq_len:
+            raise ValueError(f"sequence length {S} exceeds the model's seq_len={self.config.seq_len}")
+        if targets_BS is not None:
+            self._check_tokens("targets", targets_BS)
+            if targets_BS.shape != tokens_BS.shape:
+                raise ValueError(
+                    f"targets shape {tuple(targets_BS.shape)} != tokens shape {(B, S)}"
+                )
+
+        x_BSD = self.embed(tokens_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, self.rotary)
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+
+        layers = self.moe_layers()
+        if layers:
+            router_loss = sum(layer.last_routing.loss for layer in layers)
+            loads_LE = torch.stack([layer.last_routing.loads_E for layer in layers])
+        else:
+            router_loss = logits_BSV.new_zeros((), dtype=torch.float32)
+            loads_LE = torch.zeros(0, self.config.num_experts, dtype=torch.int64,
+                                   device=tokens_BS.device)
+        lm_loss = loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(
+                logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1), ignore_index=-1
+            )
+            loss = lm_loss + router_loss
+        return ModelOutput(logits_BSV, loss, lm_loss, router_loss, loads_LE)
