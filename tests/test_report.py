@@ -166,3 +166,58 @@ def test_markdown_and_html_say_the_same():
     assert "<strong>bold</strong>" in page and "<code>code|pipe</code>" in page
     assert "data:image/png;base64," in page and "plots/p.png" not in page
     assert "<li>two</li>" in page
+
+
+# ---------------------------------------------------------------- the stored real run
+# tests/data/compare_micro/results.json: `moebal compare --preset micro --balancers
+# none,aux_loss,loss_free,bip,quantile --seeds 2` (see tests/data/compare_micro/README.md)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(FIXTURE, d / "results.json")
+    return d
+
+
+def test_stored_results_are_a_real_micro_comparison():
+    results = load_results(FIXTURE)
+    assert results["config"]["preset"] == "micro"
+    assert {r["method"] for r in results["runs"]} == {"none", "aux_loss", "loss_free", "bip", "quantile"}
+    assert all(r["status"] == "ok" and r["steps"] == results["config"]["steps"] for r in results["runs"])
+
+
+def test_report_from_stored_results(run_dir, capsys):
+    from moebal.cli import main
+    from moebal.report.document import build_document
+
+    assert main(["report", str(run_dir)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    plots = {p.name: p.read_bytes() for p in (run_dir / "plots").iterdir()}
+    assert sorted(plots) == ["load_heatmaps.png", "max_vio_batch.png", "router_overhead.png", "val_ppl.png"]
+    assert all(png.startswith(b"\x89PNG") for png in plots.values())
+    md = (run_dir / "report.md").read_text()
+    results = load_results(run_dir)
+    for s in summarize(results):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {s.label} |"))
+        ppl = s.stat("final_val_ppl")
+        assert f"{ppl.mean:.2f} ± {ppl.std:.2f}" in row  # mean ± std over the two seeds
+    claims = md.split("## What this run says about the papers' claims")[1].split("## Plots")[0]
+    verdicts = [c.verdict for c in check_claims(summarize(results))]
+    assert len(verdicts) == 4 and all(f"**{v}**" in claims for v in verdicts)
+    assert NOT_TESTED not in verdicts  # the fixture has every method the claims need
+    for name in plots:
+        assert f"(plots/{name})" in md
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    # regenerating gives the same Markdown: the report depends on results.json only
+    assert to_markdown(build_document(results, plots)) == md
+
+
+def test_report_command_refuses_a_folder_without_results(tmp_path, capsys):
+    from moebal.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()

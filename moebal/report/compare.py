@@ -37,7 +37,8 @@ DEFAULT_BALANCERS = ("none", "aux_loss", "seq_aux_loss", "loss_free", "bip", "qu
 DEFAULT_PRESET = "tiny"
 DEFAULT_OUT = "runs/compare"
 
-# The coefficients each balancer is compared with (RouterConfig field names).
+# The coefficients each balancer is compared with (RouterConfig field names); the other
+# options in RELEVANT_OPTIONS keep RouterConfig's defaults and are recorded too.
 #  aux_loss      alpha = 1e-2: Switch Transformer's value and Megatron-core's usual setting.
 #  seq_aux_loss  alpha = 1e-2 as well, so that it differs from aux_loss only in scope (f and
 #                P per sequence instead of per batch). DeepSeek-V3's 1e-4 is the strength of
@@ -47,17 +48,25 @@ DEFAULT_OUT = "runs/compare"
 #  bip           4 dual iterations per batch (the paper does not give T_iter), prices from
 #                the batch being routed, as the paper describes.
 #  quantile      one quantile step per batch, no EMA (Megatron-LM's default).
-#  sinkhorn      3 normalisation iterations.
 BALANCER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "none": {},
     "aux_loss": {"aux_loss_coeff": 1e-2},
     "seq_aux_loss": {"aux_loss_coeff": 1e-2},
     "global_aux_loss": {"aux_loss_coeff": 1e-2},
     "loss_free": {"bias_update_rate": 1e-3, "bias_update": "sign"},
     "bip": {"bip_iters": 4, "bip_order": "paper"},
     "quantile": {"quantile_ema": 0.0},
-    "sinkhorn": {"sinkhorn_iters": 3},
-    "optimal": {},
+}
+# The RouterConfig options that each balancer reads (what the report prints for it).
+RELEVANT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "aux_loss": ("aux_loss_coeff",),
+    "seq_aux_loss": ("aux_loss_coeff",),
+    "global_aux_loss": ("aux_loss_coeff",),
+    "loss_free": ("bias_update_rate", "bias_update"),
+    "bip": ("bip_iters", "bip_order", "bip_pin_q"),
+    "quantile": ("quantile_ema",),
+    "sinkhorn": ("sinkhorn_iters", "sinkhorn_tol"),
+    "optimal": (),
 }
 
 RUN_RECORD = "run.json"
@@ -85,13 +94,27 @@ def parse_balancers(spec: Union[str, Sequence[str]]) -> list[str]:
     return names
 
 
-def parse_balancer_options(items: Iterable[str], balancers: Sequence[str]) -> dict[str, dict]:
-    """``METHOD.OPTION=VALUE`` strings -> {method: {option: value}} on top of the defaults."""
+def parse_balancer_options(items: Iterable[str], balancers: Sequence[str],
+                           router_options: Optional[dict] = None) -> dict[str, dict]:
+    """Each balancer's options: {method: {option: value}}.
+
+    Precedence: ``METHOD.OPTION=VALUE`` strings (``items``), then the options every run
+    shares (``router_options``, from the preset and ``--set router.X=...``), then
+    :data:`BALANCER_DEFAULTS`, then RouterConfig's defaults of :data:`RELEVANT_OPTIONS`.
+    """
     from moebal.routing import RouterConfig
     from moebal.train.presets import _parse_value
 
-    known = {f.name for f in dataclasses.fields(RouterConfig)} - {"num_experts", "top_k", "balancer"}
-    options = {m: dict(BALANCER_DEFAULTS.get(m, {})) for m in balancers}
+    fields = {f.name: f for f in dataclasses.fields(RouterConfig)}
+    known = set(fields) - {"num_experts", "top_k", "balancer", "extra"}
+    options = {}
+    for m in balancers:
+        base = {name: fields[name].default for name in RELEVANT_OPTIONS.get(m, ())
+                if name in fields and fields[name].default is not dataclasses.MISSING}
+        options[m] = {**base, **BALANCER_DEFAULTS.get(m, {})}
+        for name in options[m]:
+            if router_options and name in router_options:
+                options[m][name] = router_options[name]
     for item in items:
         key, sep, raw = item.partition("=")
         method, dot, option = key.strip().partition(".")
@@ -145,6 +168,8 @@ def make_plan(
     data: Optional[str] = None,
     tokenizer: Optional[str] = None,
     text_field: str = "text",
+    vocab_size: Optional[int] = None,
+    cache_dir: Optional[str] = None,
     device: str = "auto",
     command: str = "",
 ) -> Plan:
@@ -167,11 +192,12 @@ def make_plan(
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     resolved = resolve_device(device).type
-    options = parse_balancer_options(balancer_options, names)
+    options = parse_balancer_options(balancer_options, names, model_cfg.router_options)
     # building every method's config validates its router options now, not mid-comparison
     plan = Plan(preset, names, list(range(seeds)), model_cfg, train_cfg, options,
                 DataConfig(path=data, tokenizer=tokenizer, text_field=text_field,
-                           vocab_size=model_cfg.vocab_size),
+                           vocab_size=vocab_size if vocab_size is not None else model_cfg.vocab_size,
+                           cache_dir=cache_dir),
                 resolved, command)
     for m in names:
         plan.model_config(m).validate()
@@ -278,10 +304,9 @@ def check_out_dir(out: Path, config: dict, resume: bool, force: bool) -> Optiona
             "choose another --out, or pass --force to overwrite them"
         )
     if not resume:
-        done = sum(1 for r in old["runs"])
         raise ValueError(
-            f"{str(out)!r} already holds this comparison ({done} runs recorded); pass --resume "
-            "to continue it or --force to start over"
+            f"{str(out)!r} already holds this comparison ({len(old['runs'])} runs recorded); "
+            "pass --resume to continue it or --force to start over"
         )
     return old
 
@@ -506,8 +531,8 @@ def run_comparison(
         results["runs"].sort(key=lambda r: order.get((r["method"], r["seed"]), len(order)))
         atomic_write_json(out / RESULTS_FILE, results)
 
+    save()  # the experiment's config is on disk before the first step: --resume can check it
     todo = plan.runs()
-    finished = 0
     try:
         for i, (method, seed) in enumerate(todo, 1):
             run_dir = out / "runs" / method / f"seed{seed}"
@@ -528,7 +553,6 @@ def run_comparison(
                 config.setdefault("params_total", row["params"])
                 config.setdefault("params_active", row["active_params"])
             results["runs"].append(row)
-            finished += 1
             save()
     finally:
         if report and results["runs"]:
@@ -558,6 +582,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer.json to use instead of training BPE")
     parser.add_argument("--text-field", default="text", help="JSONL text field (default: text)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="BPE vocabulary to train (default: the preset's)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="tokenized-corpus cache (default: $MOEBAL_CACHE or ~/.cache/moebal)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when available (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -590,6 +618,8 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [flag, value]
     if args.text_field != "text":
         parts += ["--text-field", args.text_field]
+    if args.vocab_size is not None:
+        parts += ["--vocab-size", str(args.vocab_size)]
     for item in args.overrides:
         parts += ["--set", item]
     for item in args.balancer_options:
@@ -611,6 +641,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         tokenizer=args.tokenizer,
         text_field=args.text_field,
+        vocab_size=args.vocab_size,
+        cache_dir=args.cache_dir,
         device=args.device,
         command=command_line(args),
     )

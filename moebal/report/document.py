@@ -13,6 +13,7 @@ from moebal.report.claims import (
     FAR_LOWER_RATIO,
     ClaimCheck,
     check_claims,
+    gap_beyond_noise,
 )
 from moebal.report.plots import PLOTS
 from moebal.report.render import (
@@ -45,7 +46,9 @@ _OPTION_SYMBOLS = {
     "bip_iters": "T_iter",
     "bip_order": "order",
     "quantile_ema": "EMA",
-    "sinkhorn_iters": "iters",
+    "bip_pin_q": "pin q",
+    "sinkhorn_iters": "max iters",
+    "sinkhorn_tol": "tol",
     "score_function": "scores",
     "capacity_factor": "capacity",
 }
@@ -146,8 +149,19 @@ def _headline(summaries: list[MethodSummary]) -> Optional[str]:
     )
     text = (
         f"Lowest validation perplexity: **{best.label}** "
-        f"({fmt_stat(best.stat('final_val_ppl'), 2)})."
+        f"({fmt_stat(best.stat('final_val_ppl'), 2)})"
     )
+    rest = sorted((s for s in ok if s is not best), key=lambda s: s.stat("final_val_ppl").mean)
+    if rest:
+        runner = rest[0]
+        beyond = gap_beyond_noise(best.stat("final_val_ppl"), runner.stat("final_val_ppl"))
+        gap = runner.stat("final_val_ppl").mean - best.stat("final_val_ppl").mean
+        text += f", {gap:.2f} below {runner.label}" + {
+            None: " (one seed: noise unknown)",
+            True: ", a gap larger than the seeds' standard deviations",
+            False: ", within the seeds' standard deviations",
+        }[beyond]
+    text += "."
     if balanced is not None:
         text += (
             f" Best balanced during training (lowest AvgMaxVio): **{balanced.label}** "
