@@ -1,7 +1,7 @@
 """Train the same MoE model under each balancer and compare them with the papers' metrics.
 
 Same model, data, seeds and number of steps for every method; only the balancer changes.
-Writes a run folder (``--out``, default runs/compare)::
+Writes a run folder (--out, default runs/compare):
 
     results.json            every number of the comparison (see moebal.report.results)
     report.md, report.html  the papers' table, their claims checked, the plots
@@ -10,7 +10,7 @@ Writes a run folder (``--out``, default runs/compare)::
                             result.json, run.json (its row in results.json), and
                             checkpoint.pt while it trains (kept with --keep-checkpoints)
 
-An interrupted comparison continues with ``--resume``: finished runs are read back, an
+An interrupted comparison continues with --resume: finished runs are read back, an
 unfinished one continues from its last checkpoint, the others start. A run whose loss
 stops being finite is stopped and marked failed with its step; the others go on.
 """
@@ -565,15 +565,16 @@ def run_comparison(
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--balancers", default=",".join(DEFAULT_BALANCERS),
                         help="comma-separated balancers to compare (default: %(default)s; "
                              "also global_aux_loss, sinkhorn, optimal)")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train each balancer with seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help="model + training preset: micro, tiny, small, paper-16e, "
                              "paper-64e (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="optimizer steps per run (default: the preset's)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="run folder (default: %(default)s)")
     parser.add_argument("--data", default=None,
