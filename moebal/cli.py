@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("moebal.demo", "route a skewed stream with every balancer, print MaxVio"),
     ("bench", "router"): ("moebal.bench.router", "time every balancer against plain top-k"),
+    ("compare",): ("moebal.report.compare", "train the model under each balancer and compare them"),
+    ("report",): ("moebal.report.command", "regenerate a comparison's report from its run folder"),
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
     ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
     ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),

@@ -1,0 +1,27 @@
+"""Regenerate a comparison's report (report.md, report.html, plots/) from its run folder.
+
+Reads RUN_DIR/results.json only, so it works on a copied or unpacked run folder without
+training anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `moebal compare` output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moebal.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"RUN_DIR {str(run_dir)!r} is not a folder")
+    written = write_report(run_dir)
+    for name in ("report.md", "report.html"):
+        print(written[name])
+    print(f"{len(written) - 2} plots in {run_dir / 'plots'}")
+    return 0

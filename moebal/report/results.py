@@ -1,0 +1,263 @@
+"""The ``results.json`` of a comparison run folder: its schema, checks and aggregates.
+
+A comparison trains one model under several balancers and seeds. Its run folder holds::
+
+    results.json             this file's schema (below)
+    report.md, report.html   written by :func:`moebal.report.write_report`
+    plots/*.png
+    runs/<method>/seed<k>/   one training run each (metrics, checkpoint, summary.json)
+
+``results.json`` is self-contained: the report is regenerated from it alone, so a run
+folder can be copied elsewhere (or only its ``results.json``) and ``moebal report`` rerun::
+
+    {
+      "schema": "moebal.compare.results/1",
+      "command": "moebal compare --preset tiny",      # how it was made
+      "created_at": "...", "updated_at": "...",      # ISO 8601, UTC
+      "config": {                                    # what makes two runs comparable
+        "preset": "tiny", "steps": 300, "seeds": [0],
+        "balancers": ["none", "aux_loss", ...],      # in report order
+        "balancer_options": {"aux_loss": {"aux_loss_coeff": 0.01}, ...},
+        "model": {...}, "train": {...},              # ModelConfig / TrainConfig as dicts
+        "data": "...", "device": "cpu"
+      },
+      "environment": {"torch": "...", "device_name": "...", "threads": 2, ...},
+      "runs": [                                      # one per method x seed
+        {
+          "method": "aux_loss", "seed": 0,
+          "status": "ok" | "failed",
+          "failure": null | {"step": 123, "reason": "loss is NaN"},
+          "steps": 300,                              # optimizer steps completed
+          "tokens": 1228800,                         # training tokens seen
+          "final_val_loss": 5.1, "final_val_ppl": 164.0,
+          "max_vio_global": 0.31,                    # at the last evaluation
+          "avg_max_vio": 0.42, "sup_max_vio": 2.1,   # over all training steps
+          "max_vio_batch_first": 2.1, "max_vio_batch_last": 0.3,
+          "train_time_s": 58.0,                      # the training steps only
+          "wall_time_s": 61.0,                       # with evaluations and checkpoints
+          "tokens_per_s": 20150.0,
+          "router_time_share": 0.04,                 # router seconds / step seconds
+          "series": {
+            "step": [...], "loss": [...], "max_vio_batch": [...],   # per training step
+            "eval_step": [...], "val_ppl": [...], "eval_max_vio_global": [...]
+          },
+          "load_snapshots": [{"step": 1, "loads_LE": [[...], ...]}, ...],
+          "run_dir": "runs/aux_loss/seed0"
+        }
+      ]
+    }
+
+Numbers that were not measured (a failed run's perplexity, say) are ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+SCHEMA = "moebal.compare.results/1"
+RESULTS_FILE = "results.json"
+
+STATUSES = ("ok", "failed")
+
+# the per-run numbers the report aggregates over seeds
+RUN_METRICS = (
+    "final_val_loss",
+    "final_val_ppl",
+    "max_vio_global",
+    "avg_max_vio",
+    "sup_max_vio",
+    "max_vio_batch_first",
+    "max_vio_batch_last",
+    "train_time_s",
+    "wall_time_s",
+    "tokens_per_s",
+    "router_time_share",
+)
+
+# canonical order and names of the methods, for tables and plot colours
+METHOD_ORDER = (
+    "none",
+    "aux_loss",
+    "seq_aux_loss",
+    "global_aux_loss",
+    "loss_free",
+    "bip",
+    "quantile",
+    "sinkhorn",
+    "optimal",
+)
+METHOD_LABELS = {
+    "none": "None (plain top-k)",
+    "aux_loss": "Aux loss",
+    "seq_aux_loss": "Seq. aux loss",
+    "global_aux_loss": "Global aux loss",
+    "loss_free": "Loss-Free",
+    "bip": "BIP",
+    "quantile": "Quantile",
+    "sinkhorn": "Sinkhorn",
+    "optimal": "Optimal (exact)",
+}
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_results(results: Any) -> dict:
+    """Check the structure of a results dict; raise ValueError naming what is wrong."""
+    if not isinstance(results, dict):
+        raise ValueError(f"results must be a JSON object, got {type(results).__name__}")
+    if results.get("schema") != SCHEMA:
+        raise ValueError(
+            f"results schema is {results.get('schema')!r}, this moebal reads {SCHEMA!r}"
+        )
+    config = results.get("config")
+    if not isinstance(config, dict):
+        raise ValueError("results has no 'config' object")
+    for key in ("balancers", "seeds"):
+        if not isinstance(config.get(key), list):
+            raise ValueError(f"results config.{key} must be a list, got {config.get(key)!r}")
+    runs = results.get("runs")
+    if not isinstance(runs, list):
+        raise ValueError("results has no 'runs' list")
+    seen = set()
+    for i, run in enumerate(runs):
+        where = f"runs[{i}]"
+        if not isinstance(run, dict):
+            raise ValueError(f"{where} must be an object, got {type(run).__name__}")
+        method, seed = run.get("method"), run.get("seed")
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"{where}.method must be a balancer name, got {method!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"{where}.seed must be an int, got {seed!r}")
+        if (method, seed) in seen:
+            raise ValueError(f"{where}: method {method!r} seed {seed} appears twice")
+        seen.add((method, seed))
+        if run.get("status") not in STATUSES:
+            raise ValueError(f"{where}.status must be one of {STATUSES}, got {run.get('status')!r}")
+        if run["status"] == "failed":
+            failure = run.get("failure")
+            if not isinstance(failure, dict) or "step" not in failure or "reason" not in failure:
+                raise ValueError(f"{where} failed but has no failure {{step, reason}}")
+        for key in RUN_METRICS:
+            value = run.get(key)
+            if value is not None and not _is_number(value):
+                raise ValueError(f"{where}.{key} must be a number or null, got {value!r}")
+        series = run.get("series", {})
+        if not isinstance(series, dict):
+            raise ValueError(f"{where}.series must be an object")
+        for a, b in (("step", "max_vio_batch"), ("step", "loss"), ("eval_step", "val_ppl")):
+            if b in series and len(series[b]) != len(series.get(a, [])):
+                raise ValueError(
+                    f"{where}.series.{b} has {len(series[b])} values but {a} has "
+                    f"{len(series.get(a, []))}"
+                )
+        for j, snap in enumerate(run.get("load_snapshots", [])):
+            loads = snap.get("loads_LE") if isinstance(snap, dict) else None
+            if not isinstance(loads, list) or not loads or not isinstance(loads[0], list):
+                raise ValueError(f"{where}.load_snapshots[{j}].loads_LE must be a [layers][experts] list")
+    return results
+
+
+def load_results(path: Union[str, Path]) -> dict:
+    """Read and check ``results.json`` from a run folder (or the file itself)."""
+    path = Path(path)
+    file = path / RESULTS_FILE if path.is_dir() else path
+    if not file.exists():
+        raise ValueError(f"no {RESULTS_FILE} in {str(path)!r}: not a comparison run folder")
+    try:
+        results = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {exc}") from None
+    return validate_results(results)
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation of one number over seeds."""
+
+    mean: float
+    std: float  # NaN with fewer than two values
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[Optional[float]]) -> "Stat":
+        arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+        if arr.size == 0:
+            return cls(float("nan"), float("nan"), 0)
+        std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+        return cls(float(arr.mean()), std, int(arr.size))
+
+    @property
+    def ok(self) -> bool:
+        return self.n > 0
+
+
+@dataclass
+class MethodSummary:
+    """One method's runs over all seeds, with each metric aggregated over its ok runs."""
+
+    method: str
+    options: dict
+    runs: list[dict]
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def ok_runs(self) -> list[dict]:
+        return [r for r in self.runs if r["status"] == "ok"]
+
+    @property
+    def failed_runs(self) -> list[dict]:
+        return [r for r in self.runs if r["status"] == "failed"]
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method)
+
+    def stat(self, key: str) -> Stat:
+        return self.stats[key]
+
+
+def ordered_methods(results: dict) -> list[str]:
+    """Methods in the order of ``config.balancers``, then any others that have runs."""
+    methods = list(dict.fromkeys(results["config"]["balancers"]))
+    for run in results["runs"]:
+        if run["method"] not in methods:
+            methods.append(run["method"])
+    return methods
+
+
+def summarize(results: dict) -> list[MethodSummary]:
+    """One :class:`MethodSummary` per method that has at least one run."""
+    options = results["config"].get("balancer_options", {})
+    out = []
+    for method in ordered_methods(results):
+        runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        summary = MethodSummary(method, dict(options.get(method, {})), runs)
+        ok = summary.ok_runs
+        summary.stats = {key: Stat.of([r.get(key) for r in ok]) for key in RUN_METRICS}
+        out.append(summary)
+    return out
+
+
+def missing_runs(results: dict) -> list[tuple[str, int]]:
+    """(method, seed) pairs the config asks for that have no run yet."""
+    have = {(r["method"], r["seed"]) for r in results["runs"]}
+    return [
+        (m, s)
+        for m in results["config"]["balancers"]
+        for s in results["config"]["seeds"]
+        if (m, s) not in have
+    ]
