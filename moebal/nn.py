@@ -19,6 +19,7 @@ checkpoints load). Option names follow Megatron-core; see docs/migrating.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -52,6 +53,9 @@ class MoEGate(nn.Module):
     balancer                          a registered balancer name ("none", "aux_loss",
                                       "loss_free", "bip", ...: ``moebal.routing.BALANCERS``).
     bias                              give the gate linear a bias (most MoE gates have none).
+    topk_scaling_factor               multiply the K gate weights by this (Megatron-core's
+                                      moe_router_topk_scaling_factor, torchtitan's
+                                      route_scale, DeepSeek's routed_scaling_factor).
     router_options                    other :class:`RouterConfig` fields: score_function,
                                       norm_topk_prob, capacity_factor, drop_policy,
                                       aux_loss_coeff, z_loss_coeff, bias_update_rate, ...
@@ -71,12 +75,20 @@ class MoEGate(nn.Module):
         balancer: str = "none",
         *,
         bias: bool = False,
+        topk_scaling_factor: Optional[float] = None,
         group: Optional["dist.ProcessGroup"] = None,
         **router_options: Any,
     ) -> None:
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if topk_scaling_factor is not None and not (
+            isinstance(topk_scaling_factor, (int, float))
+            and math.isfinite(topk_scaling_factor) and topk_scaling_factor > 0
+        ):
+            raise ValueError(
+                f"topk_scaling_factor must be None or a positive number, got {topk_scaling_factor!r}"
+            )
         try:
             config = RouterConfig(
                 num_experts=num_experts, top_k=top_k, balancer=balancer, **router_options
@@ -84,6 +96,7 @@ class MoEGate(nn.Module):
         except TypeError as exc:  # unknown option name
             raise TypeError(f"MoEGate: {exc}") from None
         self.hidden_size = hidden_size
+        self.topk_scaling_factor = topk_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
         self.router = Router(config, group=group)
@@ -92,12 +105,12 @@ class MoEGate(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, top_k: int = 2, balancer: str = "none",
-                    **router_options: Any) -> "MoEGate":
+                    **options: Any) -> "MoEGate":
         """A gate that shares the weight (and bias) of an existing ``nn.Linear(D, E)``."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         gate = cls(linear.in_features, linear.out_features, top_k, balancer,
-                   bias=linear.bias is not None, **router_options)
+                   bias=linear.bias is not None, **options)
         gate.weight = linear.weight
         if linear.bias is not None:
             gate.bias = linear.bias
@@ -116,7 +129,8 @@ class MoEGate(nn.Module):
         return self.router.config
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, bias={self.bias is not None}"
+        scale = "" if self.topk_scaling_factor is None else f", scale={self.topk_scaling_factor}"
+        return f"hidden_size={self.hidden_size}, bias={self.bias is not None}{scale}"
 
     def forward(self, x: torch.Tensor, seq_len: Optional[int] = None) -> GateOutput:
         if not isinstance(x, torch.Tensor):
@@ -134,9 +148,12 @@ class MoEGate(nn.Module):
         logits_TE = F.linear(x_TD, self.weight, self.bias)
         routing = self.router(logits_TE, seq_len=seq_len)
         self.last_loads_E = routing.loads_E.detach()
+        weights_TK = routing.weights_TK
+        if self.topk_scaling_factor is not None:
+            weights_TK = weights_TK * self.topk_scaling_factor
         return GateOutput(
             indices_TK=routing.indices_TK,
-            weights_TK=routing.weights_TK,
+            weights_TK=weights_TK,
             kept_TK=routing.kept_TK,
             aux_loss=routing.aux_loss,
             z_loss=routing.z_loss,

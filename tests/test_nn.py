@@ -34,6 +34,18 @@ def test_norm_topk_prob_and_z_loss():
     assert out.z_loss.item() > 0 and out.loss.item() == pytest.approx(out.z_loss.item())
 
 
+def test_topk_scaling_factor_scales_the_weights():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    plain = MoEGate(8, 4, top_k=2, score_function="sigmoid", norm_topk_prob=True)
+    scaled = MoEGate(8, 4, top_k=2, score_function="sigmoid", norm_topk_prob=True,
+                     topk_scaling_factor=2.5)
+    scaled.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(scaled(x).weights_TK, 2.5 * plain(x).weights_TK)
+    with pytest.raises(ValueError, match="topk_scaling_factor"):
+        MoEGate(8, 4, topk_scaling_factor=0.0)
+
+
 def test_batch_seq_input_and_gradients_reach_the_weight():
     gate = MoEGate(8, 4, top_k=1, z_loss_coeff=1e-2, bias=True)
     x_BSD = torch.randn(3, 5, 8)
