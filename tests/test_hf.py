@@ -100,6 +100,25 @@ def test_none_balancer_gives_the_models_logits(family):
         assert torch.equal(model(x).logits, ref)
 
 
+@pytest.mark.parametrize("family", FAST)
+def test_none_balancer_in_bfloat16_keeps_the_models_dtypes(family):
+    model = tiny(family).to(torch.bfloat16).eval()
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x).logits
+        patch_model(model)
+        assert torch.equal(model(x).logits, ref)
+
+
+def test_generate_with_kv_cache_is_unchanged():
+    model = tiny().eval()
+    x = tokens(batch=1, seq=5)
+    ref = model.generate(x, max_new_tokens=4, do_sample=False)
+    handle = patch_model(model)
+    assert torch.equal(model.generate(x, max_new_tokens=4, do_sample=False), ref)
+    assert int(handle.loads().sum(1)[0]) == 2  # the last step routed one token, K=2
+
+
 def test_training_forward_and_gradients_equal_unpatched():
     model = tiny("qwen3_moe", norm_topk_prob=True).train()
     x = tokens()
@@ -162,15 +181,11 @@ def test_add_loss_to_output_false_leaves_the_loss_alone():
 def test_warns_when_the_models_own_aux_loss_is_on():
     model = tiny(output_router_logits=True, router_aux_loss_coef=0.02)
     with pytest.warns(UserWarning, match="output_router_logits"):
-        patch_model(model, balancer="aux_loss") if "aux_loss" in _balancers() else pytest.skip(
-            "aux_loss balancer not available"
-        )
-
-
-def _balancers():
-    from moebal.routing import BALANCERS
-
-    return BALANCERS
+        handle = patch_model(model, balancer="aux_loss")
+    handle.unpatch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(model, balancer="none")  # the model's routing, the model's own loss
 
 
 # -- activation checkpointing -------------------------------------------------------------------
@@ -278,3 +293,128 @@ def test_unsupported_router_is_named():
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.router \(PhimoeTopKRouter\).*sparsemixer"):
         patch_model(model)
     assert _unchanged(model)
+
+
+# -- stateful balancers: training, checkpointing, save / load ---------------------------------
+@torch.no_grad()
+def skew_gates(model, x, strength=8.0):
+    """Pull every gate towards expert 0 along the mean direction of its inputs."""
+    inputs = {}
+    hooks = [g.register_forward_pre_hook(lambda m, a, g=g: inputs.__setitem__(g, a[0]))
+             for g in gates(model)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for gate, x_TD in inputs.items():
+        mean_D = x_TD.reshape(-1, x_TD.shape[-1]).mean(0)
+        gate.weight[0] += strength * mean_D / mean_D.square().sum()
+
+
+def train_steps(model, handle, steps, seed=5):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    vio = []
+    for step in range(steps):
+        x = tokens(seed=seed + step, batch=4, seq=16)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        vio.append(float(handle.max_vio().mean()))
+        handle.step()
+    return vio
+
+
+@pytest.mark.parametrize("balancer, options", [
+    ("bip", {}),
+    ("loss_free", {"bias_update_rate": 0.05}),
+])
+def test_a_few_training_steps_bring_max_vio_down(balancer, options):
+    model = tiny(num_local_experts=8)
+    skew_gates(model, tokens(seed=3, batch=4))
+    handle = patch_model(model)  # plain top-k: the skewed start
+    baseline = train_steps(model, handle, 1)[0]
+    handle.unpatch()
+    assert baseline > 1.0
+    handle = patch_model(model, balancer=balancer, **options)
+    vio = train_steps(model, handle, 12)
+    assert vio[-1] < 0.5 * baseline
+    assert max(vio[-3:]) < 0.6
+
+
+def test_checkpointed_recompute_restores_the_balancer_state():
+    """bip updates its prices in the forward: the recompute must not update them again."""
+    x = tokens()
+    ref = tiny().train()
+    ref_handle = patch_model(ref, balancer="bip")
+    ref(x, labels=x).loss.backward()
+    model = tiny().train()
+    model.activation_checkpointing_enable()
+    handle = patch_model(model, balancer="bip")
+    model(x, labels=x).loss.backward()
+    for key, value in ref_handle.state_dict().items():
+        assert torch.equal(handle.state_dict()[key], value), key
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_balancer_state_is_in_the_state_dict_and_survives_save_pretrained(tmp_path):
+    model = tiny(num_local_experts=8)
+    skew_gates(model, tokens(seed=3, batch=4))
+    handle = patch_model(model, balancer="loss_free", bias_update_rate=0.05)
+    train_steps(model, handle, 3)
+    state = handle.state_dict()
+    assert set(state) <= set(model.state_dict())
+    bias = state["moebal.0.router.balancer.bias_E"]
+    assert bias.abs().sum() > 0
+    model.eval()
+    x = tokens(seed=9)
+    with torch.no_grad():
+        ref = model(x).logits
+    model.save_pretrained(tmp_path)
+
+    loaded, loaded_handle = from_pretrained(transformers.MixtralForCausalLM, tmp_path)
+    assert loaded_handle.balancer == "loss_free"
+    assert loaded_handle.options["bias_update_rate"] == 0.05
+    for key, value in state.items():
+        assert torch.equal(loaded_handle.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x).logits, ref)
+
+    # by hand: from_pretrained gives the unpatched model; re-patch, then load the state
+    plain = transformers.MixtralForCausalLM.from_pretrained(tmp_path)
+    assert get_handle(plain) is None
+    again = patch_model(plain)
+    assert again.balancer == "loss_free" and torch.equal(
+        again.state_dict()["moebal.0.router.balancer.bias_E"], torch.zeros_like(bias))
+    again.load_pretrained_state(tmp_path)
+    assert torch.equal(again.state_dict()["moebal.0.router.balancer.bias_E"], bias)
+    with pytest.raises(ValueError, match="missing"):
+        again.load_state_dict({})
+
+
+@pytest.mark.slow
+def test_model_bias_init_continues_the_models_own_loss_free_routing():
+    model = tiny("deepseek_v3", n_routed_experts=8).eval()
+    for g in gates(model):
+        g.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x).logits
+        handle = patch_model(model, balancer="loss_free", model_bias="init")
+        assert torch.equal(model(x).logits, ref)
+    handle.unpatch()
+    with pytest.raises(ValueError, match="model_bias='init' needs"):
+        patch_model(model, balancer="bip", model_bias="init")
+    with torch.no_grad():
+        patch_model(model, model_bias="drop")
+        assert not torch.equal(model(x).logits, ref)
+
+
+def test_seq_len_reaches_the_router():
+    model = tiny()
+    handle = patch_model(model, balancer="seq_aux_loss", aux_loss_coeff=1e-2)
+    x = tokens(batch=3, seq=10)
+    out = model(x, labels=x)
+    assert all(a.seq_len == 10 for a in handle.adapters)
+    assert handle.aux_loss().item() > 0
+    out.loss.backward()

@@ -58,7 +58,7 @@ SUBMODULE = "moebal"  # ModuleList of the adapters, registered on the patched mo
 ADAPTER_ATTR = "_moebal_adapter"  # plain attribute of a patched router module
 CONFIG_KEY = "moebal_routing"  # entry of model.config holding the options of the patch
 HANDLE_ATTR = "moebal_patch"  # attribute of the patched model holding its handle
-MODEL_BIAS_POLICIES = ("error", "drop")
+MODEL_BIAS_POLICIES = ("error", "drop", "init")
 
 # RouterConfig fields fixed by the model's router: passed only if they agree with it.
 _FIXED = ("num_experts", "top_k", "score_function", "norm_topk_prob")
@@ -506,10 +506,26 @@ def _router_config(
             raise ValueError(
                 f"{where} has a non-zero {spec.correction_bias} (the model's own loss-free "
                 f"balancing); moebal's balancer {balancer!r} would route without it. Pass "
-                f"model_bias='drop' to accept that"
+                f"model_bias='drop' to accept that, or balancer='loss_free' with "
+                f"model_bias='init' to continue from it"
             )
     rest = {k: v for k, v in options.items() if k not in _FIXED}
     return RouterConfig(balancer=balancer, **model_values, **rest)
+
+
+def _init_expert_bias(name: str, class_name: str, adapter: GateAdapter,
+                      model_bias_E: torch.Tensor) -> None:
+    """Start the balancer's expert bias (``bias_E``, the loss_free balancer's) from the
+    model's own correction bias: the same score space (added to the unbiased scores)."""
+    bias_E = getattr(adapter.router.balancer, "bias_E", None)
+    if not isinstance(bias_E, torch.Tensor) or bias_E.shape != model_bias_E.shape:
+        raise ValueError(
+            f"{name} ({class_name}): model_bias='init' needs a balancer with an expert bias "
+            f"of {tuple(model_bias_E.shape)} (balancer='loss_free'), not "
+            f"{adapter.router.config.balancer!r}"
+        )
+    with torch.no_grad():
+        bias_E.copy_(model_bias_E.detach().to(bias_E.dtype).cpu())
 
 
 def _find_gates(model: nn.Module) -> tuple[list[tuple[str, str, nn.Module, GateSpec]], list[str]]:
@@ -544,9 +560,11 @@ def patch_model(
                         ``score_function`` and ``norm_topk_prob`` are the model's; passing a
                         different value is a ValueError.
     add_loss_to_output  add ``handle.loss()`` to the ``loss`` of the model's output.
-    model_bias          "error": refuse a router whose own expert-bias buffer
-                        (``e_score_correction_bias``) is non-zero; "drop": route without it
-                        (the buffer stays in the model, unused until ``unpatch``).
+    model_bias          what to do with a router's own expert-bias buffer
+                        (``e_score_correction_bias``, DeepSeek-V3 style): "error" refuses a
+                        non-zero one; "drop" routes without it (the buffer stays in the model,
+                        unused until ``unpatch``); "init" starts the loss_free balancer's bias
+                        from it, so routing continues where the model's left off.
     group               data-parallel process group whose loads the balancers all-reduce at
                         ``step()`` so every rank keeps the same state (None: this process;
                         under DDP pass ``torch.distributed.group.WORLD`` or the DP group).
@@ -608,6 +626,8 @@ def patch_model(
     for name, class_name, gate, spec in found:
         rcfg = _router_config(name, class_name, gate, spec, balancer, router_options, model_bias)
         adapter = GateAdapter(name, class_name, spec, rcfg, group=group)
+        if model_bias == "init" and spec.correction_bias is not None:
+            _init_expert_bias(name, class_name, adapter, getattr(gate, spec.correction_bias))
         adapter.to(device=_attr(gate, spec.weight).device)
         adapters.append(adapter)
     experts = {a.router.config.num_experts for a in adapters}
