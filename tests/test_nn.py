@@ -1,5 +1,8 @@
 """moebal.nn.MoEGate: the gate linear + moebal's router as one module for plain PyTorch MoE code."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +110,11 @@ def test_every_balancer_routes_and_steps(balancer):
     clone.load_state_dict(state)
     for key, value in clone.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_the_core_never_imports_transformers():
+    code = (
+        "import sys, moebal, moebal.nn, moebal.routing, moebal.metrics, moebal.integrations.hf; "
+        "sys.exit('transformers' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
