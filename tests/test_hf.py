@@ -287,6 +287,29 @@ def test_bad_options():
     assert _unchanged(model)
 
 
+def test_a_router_that_computes_something_else_is_refused():
+    """transformers 5.17's GraniteMoeTopKRouter returned (indices, weights, logits): the probe
+    at patch time refuses a router whose output moebal would not reproduce."""
+    model = tiny()
+    gate = model.model.layers[1].mlp.gate
+
+    class Reordered(type(gate)):
+        def forward(self, hidden_states):
+            logits, weights, indices = super().forward(hidden_states)
+            return indices, weights, logits
+
+    class Doubled(type(gate)):
+        def forward(self, hidden_states):
+            logits, weights, indices = super().forward(hidden_states)
+            return logits, 2 * weights, indices
+
+    for cls, match in ((Reordered, "shapes differ"), (Doubled, "gate weights differ")):
+        gate.__class__ = cls
+        with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.gate .*" + match):
+            patch_model(model)
+        assert get_handle(model) is None and "forward" not in gate.__dict__
+
+
 def test_unsupported_router_is_named():
     cfg = transformers.PhimoeConfig(**{**COMMON, "num_local_experts": 4})
     model = transformers.PhimoeForCausalLM(cfg)

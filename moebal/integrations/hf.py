@@ -513,6 +513,54 @@ def _router_config(
     return RouterConfig(balancer=balancer, **model_values, **rest)
 
 
+@torch.no_grad()
+def _verify_gate(name: str, class_name: str, gate: nn.Module, spec: GateSpec,
+                 config: RouterConfig) -> None:
+    """Check on a random probe that moebal, routing with no balancer, computes what the
+    router module itself computes (logits, K experts, weights and their dtypes), so that a
+    transformers version whose router differs is refused instead of silently mis-routed."""
+    where = f"{name} ({class_name})"
+    weight_ED = _attr(gate, spec.weight)
+    generator = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(32, weight_ED.shape[1], generator=generator).to(weight_ED)
+    try:
+        ref = type(gate).forward(gate, x_TD)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot stand in for it
+        raise ValueError(f"{where}: its forward fails on a probe ({exc}); not patched") from None
+    if not (isinstance(ref, tuple) and len(ref) == 3 and all(isinstance(t, torch.Tensor) for t in ref)):
+        raise ValueError(f"{where} does not return (logits, weights, indices) in this "
+                         f"transformers version; not patched")
+    probe_cfg = RouterConfig(**{**config.__dict__, "balancer": "none", "capacity_factor": None,
+                                "extra": dict(config.extra)})
+    probe = GateAdapter(name, class_name, spec, probe_cfg).to(weight_ED.device).eval()
+    logits_TE, weights_TK, indices_TK = probe(gate, x_TD)
+    ref_logits, ref_weights, ref_indices = ref
+    problems = []
+    if ref_logits.shape != logits_TE.shape or ref_indices.shape != indices_TK.shape:
+        problems.append("shapes differ")
+    elif ref_weights.dtype != weights_TK.dtype or ref_logits.dtype != logits_TE.dtype:
+        problems.append(f"dtypes differ ({ref_weights.dtype} vs {weights_TK.dtype})")
+    else:
+        loose = weight_ED.dtype != torch.float32
+        rtol, atol = (2e-2, 1e-2) if loose else (1e-4, 1e-6)
+        if not torch.allclose(ref_logits.float(), logits_TE.float(), rtol=rtol, atol=atol):
+            problems.append("logits differ")
+        bias = getattr(gate, spec.correction_bias) if spec.correction_bias else None
+        if bias is None or not bool((bias != 0).any()):  # else the model routes with its bias
+            ref_order = ref_indices.argsort(dim=-1)
+            our_order = indices_TK.argsort(dim=-1)
+            if not torch.equal(ref_indices.gather(1, ref_order), indices_TK.gather(1, our_order)):
+                problems.append("chosen experts differ")
+            elif not torch.allclose(ref_weights.gather(1, ref_order).float(),
+                                    weights_TK.gather(1, our_order).float(), rtol=rtol, atol=atol):
+                problems.append("gate weights differ")
+    if problems:
+        raise ValueError(
+            f"{where} in this transformers version does not compute what moebal reproduces "
+            f"({'; '.join(problems)}); not patched"
+        )
+
+
 def _init_expert_bias(name: str, class_name: str, adapter: GateAdapter,
                       model_bias_E: torch.Tensor) -> None:
     """Start the balancer's expert bias (``bias_E``, the loss_free balancer's) from the
@@ -625,6 +673,7 @@ def patch_model(
     adapters = []
     for name, class_name, gate, spec in found:
         rcfg = _router_config(name, class_name, gate, spec, balancer, router_options, model_bias)
+        _verify_gate(name, class_name, gate, spec, rcfg)
         adapter = GateAdapter(name, class_name, spec, rcfg, group=group)
         if model_bias == "init" and spec.correction_bias is not None:
             _init_expert_bias(name, class_name, adapter, getattr(gate, spec.correction_bias))
