@@ -240,7 +240,8 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def print_table(run: dict, file=sys.stdout) -> None:
+def print_table(run: dict, file=None) -> None:
+    file = sys.stdout if file is None else file
     print(f"\n{run['label']}: {run['gpus']} GPUs, {run['experts']} experts, top-{run['top_k']},"
           f" {run['micro_batches']} steps x {run['layers']} layers", file=file)
     head = (f"{'system':<14}{'step ms':>9}{'Mtok/s':>9}{'vs EP':>8}{'vs std':>8}"

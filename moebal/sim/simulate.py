@@ -139,7 +139,6 @@ def simulate(
             rebalance_every=rebalance_every,
             seed=seed,
             sched_time_s=sched_time_s,
-            gpus_per_node=cost.gpus_per_node,
         )
 
     def series():
@@ -179,7 +178,7 @@ def simulate(
                         same = node_G[ids][:, None] == node_G[ids][None, :]
                         inter += a.flow_GG[~same].sum()
                     if hasattr(runner, "observe"):
-                        runner.observe(layer, loads_GE.sum(0))
+                        runner.observe(layer, loads_GE.reshape(G // gs, gs, E).sum(1))
                     mean = tokens_G.mean()
                     s["imb"][m, layer] = tokens_G.max() / mean if mean > 0 else 1.0
                     s["layer"][m, layer] = worst_t

@@ -10,7 +10,7 @@ column, diagonal = stays local) and how long scheduling took (``sched_s``).
 - ``standard``: Megatron's EP x EDP: EP groups of ``ep`` GPUs, expert e on GPU ``e mod ep``
   of every group; a source's tokens go to the replica in its own EP group.
 - ``eplb``: DeepSeek EPLB placement over each scheduling group, rebuilt every
-  ``rebalance_every`` steps from the loads of the previous window (standard placement until
+  ``rebalance_every`` steps from the loads of the previous window (the standard system until
   the first rebuild); each source splits its tokens of an expert evenly over its replicas.
 - ``lp_standard`` / ``lp_symmetric`` / ``lp_asymmetric``: per-micro-batch LP scheduling
   (``moebal.schedule.solve_schedule``) over that placement within each scheduling group;
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from moebal.schedule import build_placement, solve_schedule
 
 SYSTEMS = (
     "plain_ep",
@@ -93,60 +95,6 @@ class Cluster:
 # ---------------------------------------------------------------------------------------
 # token flows
 # ---------------------------------------------------------------------------------------
-def _northwest(sup_EA: np.ndarray, dem_EB: np.ndarray) -> np.ndarray:
-    """Per expert, the north-west-corner transport of supply A onto demand B: [E, A, B].
-
-    Moves ``min(sum sup, sum dem)`` per expert, sources and destinations in index order
-    (deterministic)."""
-    cs = np.cumsum(sup_EA, axis=1)
-    cd = np.cumsum(dem_EB, axis=1)
-    cs0 = cs - sup_EA
-    cd0 = cd - dem_EB
-    lo = np.maximum(cs0[:, :, None], cd0[:, None, :])
-    hi = np.minimum(cs[:, :, None], cd[:, None, :])
-    return np.maximum(hi - lo, 0)
-
-
-def route_flows(loads_SE: np.ndarray, x_EG: np.ndarray, node_G: np.ndarray) -> np.ndarray:
-    """Which source sends how many assignments to which GPU, given what each GPU computes.
-
-    ``loads_SE[s, e]``: assignments of expert e produced on GPU s (sources are the group's
-    GPUs, S == G); ``x_EG[e, g]``: assignments of e computed on g (column sums of the
-    expert's supply and demand agree). Locality first: a source keeps what its own GPU
-    computes, then sends within its node, then across nodes (north-west corner in index
-    order at each tier). Returns ``flow_GG`` (int64, diagonal = kept local).
-    """
-    sup = np.asarray(loads_SE, dtype=np.int64).T.copy()  # [E, S]
-    dem = np.asarray(x_EG, dtype=np.int64).copy()  # [E, G]
-    E, G = dem.shape
-    if sup.shape != (E, G):
-        raise ValueError(f"loads_SE {np.shape(loads_SE)} does not match x_EG {dem.shape}")
-    if not np.array_equal(sup.sum(1), dem.sum(1)):
-        bad = int(np.flatnonzero(sup.sum(1) != dem.sum(1))[0])
-        raise ValueError(
-            f"expert {bad}: {sup[bad].sum()} assignments produced but {dem[bad].sum()} computed"
-        )
-    local = np.minimum(sup, dem)
-    flow = np.diag(local.sum(0))
-    sup -= local
-    dem -= local
-    chunk = max(1, int(4_000_000 // max(1, G * G)))
-    node_G = np.asarray(node_G)
-    for node in np.unique(node_G):
-        idx = np.flatnonzero(node_G == node)
-        if idx.size < 2:
-            continue
-        for a in range(0, E, chunk):
-            f = _northwest(sup[a : a + chunk][:, idx], dem[a : a + chunk][:, idx])
-            flow[np.ix_(idx, idx)] += f.sum(0)
-            sup[a : a + chunk, idx] -= f.sum(2)
-            dem[a : a + chunk, idx] -= f.sum(1)
-    for a in range(0, E, chunk):
-        f = _northwest(sup[a : a + chunk], dem[a : a + chunk])
-        flow += f.sum(0)
-    return flow
-
-
 def _even_split_flows(loads_SE: np.ndarray, hosts_EG: np.ndarray):
     """Every source splits its assignments of expert e evenly over e's hosts (the remainder
     goes to the hosts after the source's own index, cyclically). Returns (x_EG, flow_GG)."""
@@ -173,13 +121,6 @@ def _even_split_flows(loads_SE: np.ndarray, hosts_EG: np.ndarray):
     e_idx = (np.arange(E)[:, None] * G + order).ravel()
     x_EG.ravel()[:] = np.bincount(e_idx, weights=share_SER.sum(0).ravel(), minlength=E * G)
     return x_EG, flow.astype(np.int64)
-
-
-def standard_hosts(num_gpus: int, num_experts: int, ep_size: int) -> np.ndarray:
-    """``hosts_EG`` of Megatron's placement: expert e on GPU ``e mod ep`` of every EP group."""
-    e = np.arange(num_experts)[:, None]
-    g = np.arange(num_gpus)[None, :]
-    return (e % ep_size) == (g % ep_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,31 +174,30 @@ class Standard:
 
 class _Rebalancing:
     """Keeps per-layer load history and rebuilds a placement every ``rebalance_every``
-    steps from the loads of the last window."""
+    steps from the loads of the last window (one row per step and scheduling group)."""
 
     def __init__(self, cluster: Cluster, rebalance_every: int, seed: int) -> None:
         self.cluster = cluster
         self.group_size = cluster.sched_group
         self.rebalance_every = _int("rebalance_every", rebalance_every)
         self.seed = seed
-        self._window: dict[int, np.ndarray] = {}
+        self._window: dict[int, list] = {}
         self._placement: dict[int, object] = {}
         self._built_at: dict[int, int] = {}
 
-    def observe(self, layer: int, loads_E: np.ndarray) -> None:
-        """Add one step's cluster-wide loads of a layer to the history window."""
-        w = self._window.get(layer)
-        self._window[layer] = loads_E.astype(np.int64) if w is None else w + loads_E
+    def observe(self, layer: int, loads_RE: np.ndarray) -> None:
+        """Add one step's loads of a layer (one row per scheduling group) to the window."""
+        self._window.setdefault(layer, []).append(np.asarray(loads_RE, dtype=np.int64))
 
     def placement_for(self, layer: int, step: int):
         due = step // self.rebalance_every
         if self._built_at.get(layer) != due:
             window = self._window.pop(layer, None)
-            if due == 0 or window is None:
+            if due == 0 or not window:
                 if layer not in self._placement:
                     self._placement[layer] = self.initial_placement(layer)
             else:
-                self._placement[layer] = self.placement_from_history(layer, window)
+                self._placement[layer] = self.placement_from_history(layer, np.concatenate(window))
             self._built_at[layer] = due
         return self._placement[layer]
 
@@ -268,18 +208,22 @@ class EPLB(_Rebalancing):
     name = "eplb"
 
     def initial_placement(self, layer: int):
-        c = self.cluster
-        return standard_hosts(c.sched_group, c.num_experts, c.ep_size)
+        return None  # the standard placement, routed as Megatron does
 
-    def placement_from_history(self, layer: int, loads_E: np.ndarray):
-        from moebal.sim import _schedule_api as api
-
+    def placement_from_history(self, layer: int, loads_RE: np.ndarray):
         c = self.cluster
-        p = api.build_placement("eplb", c.sched_group, c.num_experts, c.slots_per_gpu, loads_E, self.seed + layer)
-        return api.hosts_EG(p)
+        p = build_placement("eplb", c.sched_group, c.num_experts, c.slots_per_gpu,
+                            loads_E=loads_RE, seed=self.seed + layer)
+        return p.holds_EG
+
+    def __init__(self, cluster: Cluster, rebalance_every: int, seed: int) -> None:
+        super().__init__(cluster, rebalance_every, seed)
+        self._standard = Standard(cluster)
 
     def assign(self, group: int, layer: int, step: int, loads_SE: np.ndarray) -> Assignment:
         hosts = self.placement_for(layer, step)
+        if hosts is None:  # before the first re-placement: Megatron's standard routing
+            return self._standard.assign(group, layer, step, loads_SE)
         x_EG, flow = _even_split_flows(loads_SE, hosts)
         return Assignment(x_EG.sum(0), flow)
 
@@ -294,47 +238,42 @@ class LPScheduled(_Rebalancing):
         rebalance_every: int = 10,
         seed: int = 0,
         sched_time_s: Optional[float] = None,
-        gpus_per_node: int = 8,
     ) -> None:
         super().__init__(cluster, rebalance_every, seed)
         self.placement_name = placement
         self.name = "lp_" + placement
         self.sched_time_s = sched_time_s
-        self.gpus_per_node = gpus_per_node
         self.solve_seconds: list[float] = []
         self._prev: dict[tuple[int, int], object] = {}
 
     def initial_placement(self, layer: int):
-        from moebal.sim import _schedule_api as api
-
         c = self.cluster
         name = "symmetric" if self.placement_name == "asymmetric" else self.placement_name
-        return api.build_placement(name, c.sched_group, c.num_experts, c.slots_per_gpu, None, self.seed + layer)
+        return build_placement(name, c.sched_group, c.num_experts, c.slots_per_gpu, seed=self.seed + layer)
 
-    def placement_from_history(self, layer: int, loads_E: np.ndarray):
-        from moebal.sim import _schedule_api as api
-
+    def placement_from_history(self, layer: int, loads_RE: np.ndarray):
         if self.placement_name != "asymmetric":
             return self._placement[layer]
         c = self.cluster
-        return api.build_placement("asymmetric", c.sched_group, c.num_experts, c.slots_per_gpu, loads_E, self.seed + layer)
+        return build_placement("asymmetric", c.sched_group, c.num_experts, c.slots_per_gpu,
+                               loads_E=loads_RE, seed=self.seed + layer)
 
     def assign(self, group: int, layer: int, step: int, loads_SE: np.ndarray) -> Assignment:
-        from moebal.sim import _schedule_api as api
-
         placement = self.placement_for(layer, step)
         key = (group, layer)
+        prev = self._prev.get(key)
+        if prev is not None and prev[0] is not placement:
+            prev = None  # re-placed: the previous plan does not apply
         t0 = time.perf_counter()
-        x_EG, flow, plan = api.solve(placement, loads_SE, self._prev.get(key))
+        plan = solve_schedule(placement, loads_SE, prev=None if prev is None else prev[1])
         elapsed = time.perf_counter() - t0
-        self._prev[key] = plan
+        self._prev[key] = (placement, plan)
         self.solve_seconds.append(elapsed)
-        if flow is None:
-            G = loads_SE.shape[0]
-            node_G = (group * G + np.arange(G)) // self.gpus_per_node
-            flow = route_flows(loads_SE, x_EG, node_G)
+        G = loads_SE.shape[0]
+        src, _, dst, n = plan.sends.T
+        flow = np.bincount(src * G + dst, weights=n, minlength=G * G).astype(np.int64).reshape(G, G)
         sched = elapsed if self.sched_time_s is None else self.sched_time_s
-        return Assignment(x_EG.sum(0), flow, sched)
+        return Assignment(plan.load_G, flow, sched)
 
 
 def make_system(
@@ -344,7 +283,6 @@ def make_system(
     rebalance_every: int = 10,
     seed: int = 0,
     sched_time_s: Optional[float] = None,
-    gpus_per_node: int = 8,
 ):
     """Build one system by name (``ideal`` is computed by the simulator, not here)."""
     if name not in SYSTEMS or name == "ideal":
@@ -361,5 +299,4 @@ def make_system(
         rebalance_every=rebalance_every,
         seed=seed,
         sched_time_s=sched_time_s,
-        gpus_per_node=gpus_per_node,
     )
