@@ -110,6 +110,13 @@ def test_eplb_rebalances_from_history():
     std, eplb = res.systems["standard"], res.systems["eplb"]
     np.testing.assert_allclose(eplb.step_time_M[:3], std.step_time_M[:3])  # no history yet
     assert eplb.imbalance_ML[3:].mean() < std.imbalance_ML[3:].mean()
+    # untimed history: the first timed step already uses the re-placed experts
+    mb = microbatches(tr, 8)
+    warm = simulate(mb[3:], Cluster(8, 16, 4, 8), CostModel(), ["standard", "eplb"], top_k=2,
+                    rebalance_every=3, history_MLGE=mb[:3])
+    np.testing.assert_allclose(warm.systems["eplb"].step_time_M, eplb.step_time_M[3:])
+    with pytest.raises(ValueError, match="history"):
+        simulate(mb[3:], Cluster(8, 16, 4, 8), CostModel(), ["eplb"], history_MLGE=np.concatenate([mb[:3], mb[:3]], axis=1))
 
 
 def test_even_split_conserves_tokens():

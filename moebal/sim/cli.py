@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drift", type=float, default=1.0, help="experts the popularity rotates per step (drift)")
     g.add_argument("--hot-experts", type=int, default=4, help="hot experts per step (burst)")
     g.add_argument("--hot-factor", type=float, default=8.0, help="weight multiplier of hot experts (burst)")
-    g.add_argument("--steps", type=int, default=20, help="synthetic steps (one micro-batch per GPU each)")
-    g.add_argument("--layers", type=int, default=2, help="synthetic MoE layers")
+    g.add_argument("--steps", type=int, help="synthetic steps, one micro-batch per GPU each (default 20; sweep 3)")
+    g.add_argument("--layers", type=int, help="synthetic MoE layers (default 2; sweep 1)")
     g.add_argument("--tokens-per-gpu", type=int, default=4096,
                    help="tokens per GPU and micro-batch (traces are rescaled to it; 0 keeps a trace's counts)")
     g.add_argument("--seed", type=int, default=0)
@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=_systems, default=list(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
     g.add_argument("--rebalance-every", type=int, default=10, help="steps between EPLB/asymmetric re-placements")
+    g.add_argument("--warmup", type=int,
+                   help="untimed steps before the timed ones whose loads are the re-placing systems' first"
+                        " history (default: --rebalance-every; traces use their first micro-batches)")
     g.add_argument("--sched-time-ms", type=float,
                    help="charge this per layer for LP scheduling instead of the measured solve time")
 
@@ -182,10 +185,20 @@ def build_cost(args) -> tuple[CostModel, dict]:
     return cost, notes
 
 
-def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: bool) -> dict:
+def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: bool,
+         synthetic: bool = False) -> dict:
     cluster = Cluster(gpus, trace.num_experts, args.ep, args.sched_group)
     tpg = args.tokens_per_gpu if args.tokens_per_gpu > 0 else None
     mb = microbatches(trace, gpus, tpg)
+    warm = args.warmup
+    if warm is None:  # synthetic: the generated warm-up steps; a trace: up to half of it
+        warm = args.rebalance_every if synthetic else min(args.rebalance_every, len(mb) // 2)
+    if warm >= len(mb):
+        raise ValueError(
+            f"{label}: {len(mb)} micro-batches of {gpus} GPUs leave none to time after"
+            f" --warmup {warm}; lower --warmup"
+        )
+    hist, mb = mb[:warm], mb[warm:]
     res = simulate(
         mb,
         cluster,
@@ -196,6 +209,7 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
         rebalance_every=args.rebalance_every,
         seed=args.seed,
         sched_time_s=None if args.sched_time_ms is None else args.sched_time_ms * 1e-3,
+        history_MLGE=hist,
         progress=progress,
     )
     return {
@@ -204,6 +218,7 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
         "experts": trace.num_experts,
         "top_k": trace.top_k,
         "micro_batches": int(mb.shape[0]),
+        "warmup": int(warm),
         "layers": int(mb.shape[1]),
         "trace_meta": trace.meta,
         "summary": res.summary(),
@@ -222,7 +237,7 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
 def _synthetic(args, gpus: int, experts: int) -> Trace:
     return generate_trace(
         args.synthetic,
-        steps=args.steps,
+        steps=args.steps + (args.rebalance_every if args.warmup is None else args.warmup),
         layers=args.layers,
         shards=gpus,
         experts=experts,
@@ -243,7 +258,8 @@ def _fmt(v, spec):
 def print_table(run: dict, file=None) -> None:
     file = sys.stdout if file is None else file
     print(f"\n{run['label']}: {run['gpus']} GPUs, {run['experts']} experts, top-{run['top_k']},"
-          f" {run['micro_batches']} steps x {run['layers']} layers", file=file)
+          f" {run['micro_batches']} steps x {run['layers']} layers (after {run['warmup']} warm-up steps)",
+          file=file)
     head = (f"{'system':<14}{'step ms':>9}{'Mtok/s':>9}{'vs EP':>8}{'vs std':>8}"
             f"{'imb mean':>9}{'imb max':>9}{'moved%':>8}{'inter%':>8}{'sched ms':>9}")
     print(head, file=file)
@@ -278,6 +294,8 @@ def _check_args(args) -> None:
                  "rebalance_every", "d_model", "ffn_hidden", "seq_len", "bytes_per_elem"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.tokens_per_gpu < 0:
         raise ValueError(f"--tokens-per-gpu must be >= 0, got {args.tokens_per_gpu}")
     if args.sched_time_ms is not None and args.sched_time_ms < 0:
@@ -285,6 +303,10 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
+    if args.steps is None:
+        args.steps = 3 if args.sweep else 20
+    if args.layers is None:
+        args.layers = 1 if args.sweep else 2
     _check_args(args)
     cost, notes = build_cost(args)
     progress = not args.no_progress and not args.json
@@ -332,7 +354,8 @@ def run(args) -> int:
                 tr = None
             try:
                 Cluster(g, tr.num_experts if tr is not None else e, args.ep, args.sched_group)
-                r = _one(tr if tr is not None else _synthetic(args, g, e), label, g, args, cost, False)
+                r = _one(tr if tr is not None else _synthetic(args, g, e), label, g, args, cost, False,
+                         synthetic=tr is None)
             except ValueError as exc:
                 skipped.append({"label": label, "reason": str(exc)})
                 continue
@@ -360,7 +383,7 @@ def run(args) -> int:
         label = f"{args.synthetic} (exponent {args.exponent:g})" if args.synthetic != "uniform" else "uniform"
         inputs = [(label, _synthetic(args, args.gpus, args.experts))]
     for label, tr in inputs:
-        runs.append(_one(tr, label, args.gpus, args, cost, progress))
+        runs.append(_one(tr, label, args.gpus, args, cost, progress, synthetic=not args.trace))
     result = {"args": _args_dict(args), "cost": _cost_dict(cost),
               "notes": notes, "runs": runs}
     _write_json(args.out / "results.json", result)

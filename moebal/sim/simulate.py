@@ -105,12 +105,16 @@ def simulate(
     rebalance_every: int = 10,
     seed: int = 0,
     sched_time_s: Optional[float] = None,
+    history_MLGE: Optional[np.ndarray] = None,
     progress: bool = False,
 ) -> SimResult:
     """Run every system in ``systems`` on the same micro-batches (see the module doc).
 
     ``sched_time_s``: charge this many seconds per layer for LP scheduling instead of the
-    measured solve time of ``moebal.schedule``. Systems the cluster cannot run (plain EP
+    measured solve time of ``moebal.schedule``. ``history_MLGE``: earlier micro-batches (same
+    shape but for the step count) that are not timed: the re-placing systems (eplb,
+    lp_asymmetric) see their loads as history, as if the run had been going on, so that the
+    timed steps start from a placement built from loads rather than from the cold start. Systems the cluster cannot run (plain EP
     with experts that do not divide over the GPUs) are listed in ``skipped`` with the reason.
     """
     mb = _validate_microbatches(mb_MLGE, cluster)
@@ -122,6 +126,12 @@ def simulate(
     if sched_time_s is not None and (not np.isfinite(sched_time_s) or sched_time_s < 0):
         raise ValueError(f"sched_time_s must be >= 0, got {sched_time_s!r}")
     M, L, G, E = mb.shape
+    hist = np.zeros((0, L, G, E), dtype=np.int64)
+    if history_MLGE is not None:
+        hist = _validate_microbatches(history_MLGE, cluster) if len(history_MLGE) else hist
+        if hist.shape[1:] != mb.shape[1:]:
+            raise ValueError(f"history shape {hist.shape} does not match micro-batches {mb.shape}")
+    H = hist.shape[0]
     tokens_M = mb.sum(axis=(1, 2, 3))[:] / L / top_k
     attn_s = cost.attention_time(float(mb.sum()) / (M * L * G * top_k))
 
@@ -152,6 +162,12 @@ def simulate(
         from tqdm import tqdm
 
         bar = tqdm(total=M * L * max(1, len(runners)), desc="simulate", unit="layer", leave=False)
+    for h in range(H):
+        for runner in runners.values():
+            if hasattr(runner, "observe"):
+                gs = runner.group_size
+                for layer in range(L):
+                    runner.observe(layer, hist[h, layer].reshape(G // gs, gs, E).sum(1))
     try:
         for m in range(M):
             for name, runner in runners.items():
@@ -165,7 +181,7 @@ def simulate(
                     moved = inter = 0
                     for k in range(G // gs):
                         sl = slice(k * gs, (k + 1) * gs)
-                        a = runner.assign(k, layer, m, loads_GE[sl])
+                        a = runner.assign(k, layer, H + m, loads_GE[sl])
                         ids = np.arange(k * gs, (k + 1) * gs)
                         res = cost.layer_time(a.tokens_G, a.flow_GG, a.sched_s, gpu_ids=ids)
                         t = res["time"] + attn_s

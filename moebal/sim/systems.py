@@ -252,8 +252,8 @@ class LPScheduled(_Rebalancing):
         return build_placement(name, c.sched_group, c.num_experts, c.slots_per_gpu, seed=self.seed + layer)
 
     def placement_from_history(self, layer: int, loads_RE: np.ndarray):
-        if self.placement_name != "asymmetric":
-            return self._placement[layer]
+        if self.placement_name != "asymmetric":  # fixed placement: history is not used
+            return self._placement.get(layer) or self.initial_placement(layer)
         c = self.cluster
         return build_placement("asymmetric", c.sched_group, c.num_experts, c.slots_per_gpu,
                                loads_E=loads_RE, seed=self.seed + layer)
