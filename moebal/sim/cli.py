@@ -219,6 +219,7 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
         "top_k": trace.top_k,
         "micro_batches": int(mb.shape[0]),
         "warmup": int(warm),
+        "max_vio_batch": _max_vio_batch(mb),
         "layers": int(mb.shape[1]),
         "trace_meta": trace.meta,
         "summary": res.summary(),
@@ -232,6 +233,15 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
             for name, r in res.systems.items()
         },
     }
+
+
+def _max_vio_batch(mb_MLGE: np.ndarray) -> float:
+    """Mean over micro-batches and layers of the expert loads' MaxVio (max / mean - 1),
+    the loads summed over all GPUs: how unbalanced the routing itself is."""
+    loads = mb_MLGE.sum(2).astype(np.float64)
+    mean = loads.mean(-1)
+    ok = mean > 0
+    return float((loads.max(-1)[ok] / mean[ok] - 1).mean()) if ok.any() else 0.0
 
 
 def _synthetic(args, gpus: int, experts: int) -> Trace:
@@ -258,8 +268,8 @@ def _fmt(v, spec):
 def print_table(run: dict, file=None) -> None:
     file = sys.stdout if file is None else file
     print(f"\n{run['label']}: {run['gpus']} GPUs, {run['experts']} experts, top-{run['top_k']},"
-          f" {run['micro_batches']} steps x {run['layers']} layers (after {run['warmup']} warm-up steps)",
-          file=file)
+          f" {run['micro_batches']} steps x {run['layers']} layers (after {run['warmup']} warm-up steps);"
+          f" routing MaxVio_batch {run['max_vio_batch']:.3f}", file=file)
     head = (f"{'system':<14}{'step ms':>9}{'Mtok/s':>9}{'vs EP':>8}{'vs std':>8}"
             f"{'imb mean':>9}{'imb max':>9}{'moved%':>8}{'inter%':>8}{'sched ms':>9}")
     print(head, file=file)
