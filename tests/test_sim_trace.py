@@ -134,3 +134,20 @@ def test_rescale_keeps_totals_and_proportions():
     assert abs(out[0, 2] - 5) <= 1 and out[1].tolist() in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
     tr = Trace(np.ones((2, 1, 2, 4), int), top_k=2)
     assert np.all(microbatches(tr, 2, tokens_per_gpu=8).sum(-1) == 16)
+
+
+def test_reads_the_training_runs_trace_format(tmp_path):
+    """The layout `moebal train --trace` writes (docs/traces.md): scalar metadata arrays."""
+    counts = np.random.default_rng(0).integers(0, 50, (5, 4, 8, 8)).astype(np.int32)
+    np.savez_compressed(
+        tmp_path / "trace.npz",
+        format_version=np.asarray(1), counts=counts, step=np.arange(1, 6),
+        num_experts=np.asarray(8), top_k=np.asarray(2), tokens_per_shard=np.asarray(256),
+        seq_len=np.asarray(128), sequences_per_shard=np.asarray(2), moe_layers=np.arange(4),
+        balancer=np.asarray("loss_free"), preset=np.asarray("tiny"),
+        capacity_factor=np.asarray(float("nan")),
+    )
+    tr = load_trace(tmp_path / "trace.npz")
+    assert tr.counts_SLRE.shape == (5, 4, 8, 8) and tr.counts_SLRE.dtype == np.int64
+    assert tr.top_k == 2 and tr.meta["balancer"] == "loss_free" and tr.meta["preset"] == "tiny"
+    assert tr.meta["tokens_per_shard"] == 256

@@ -65,6 +65,10 @@ def test_read_records_jsonl_and_bad_input(tmp_path):
     path = tmp_path / "run.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"step": 0, "loss": 3.0}] + recs) + "\n")
     assert len(read_records(path)) == 4
+    nested = [{"step": s, "ranks": [{k: v for k, v in r.items() if k not in ("step", "rank")}
+                                    for r in recs if r["step"] == s]} for s in (0, 1)]
+    (tmp_path / "nested.jsonl").write_text("\n".join(json.dumps(r) for r in nested))
+    assert read_records(tmp_path / "nested.jsonl") == recs
     (tmp_path / "empty.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no records"):
         read_records(tmp_path / "empty.jsonl")

@@ -235,6 +235,17 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
     }
 
 
+def _labelled(path: Path) -> tuple[str, Trace]:
+    """(label, trace): the file name, its folder when the name is the generic ``trace``, and
+    the balancer recorded in the trace's metadata."""
+    trace = load_trace(path)
+    label = f"{path.parent.name}/{path.stem}" if path.stem == "trace" and path.parent.name else path.stem
+    balancer = trace.meta.get("balancer")
+    if balancer:
+        label += f" ({balancer})"
+    return label, trace
+
+
 def _max_vio_batch(mb_MLGE: np.ndarray) -> float:
     """Mean over micro-batches and layers of the expert loads' MaxVio (max / mean - 1),
     the loads summed over all GPUs: how unbalanced the routing itself is."""
@@ -341,7 +352,7 @@ def run(args) -> int:
     if args.sweep:
         combos = []
         if args.trace:
-            traces = [(p.stem, load_trace(p)) for p in args.trace]
+            traces = [_labelled(p) for p in args.trace]
             combos = [(label, tr, g) for label, tr in traces for g in args.sweep_gpus]
         else:
             combos = [(f"{args.synthetic} {g} GPUs x {e} experts", None, g, e)
@@ -388,7 +399,7 @@ def run(args) -> int:
         return 0
 
     if args.trace:
-        inputs = [(p.stem, load_trace(p)) for p in args.trace]
+        inputs = [_labelled(p) for p in args.trace]
     else:
         label = f"{args.synthetic} (exponent {args.exponent:g})" if args.synthetic != "uniform" else "uniform"
         inputs = [(label, _synthetic(args, args.gpus, args.experts))]

@@ -12,8 +12,10 @@ other records without these fields are ignored)::
      "tokens_sent_inter": 0, "tokens_received_inter": 0,   # the part crossing nodes
      "n_alltoall": 4}               # all-to-all calls the times cover (default 1)
 
-The times of one record cover whatever its token counts cover (e.g. all MoE layers of the
-step, forward and backward). ``validate`` fits the model's free constants (compute rate and
+A record may instead hold one step with a list of per-rank dicts: ``{"step": 12, "ranks":
+[{...rank 0 fields...}, {...}]}``. The times of one record cover whatever its token counts
+cover (e.g. all MoE layers and micro-batches of the step, forward only: then validate with
+``passes="fwd"``). ``validate`` fits the model's free constants (compute rate and
 overhead, link bandwidth and latency) on the first ``fit_fraction`` of the steps, predicts
 the rest, and reports the error of each quantity and of each step's slowest rank.
 """
@@ -51,7 +53,16 @@ def read_records(path: Union[str, Path]) -> list[dict]:
                 items.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{str(path)!r} line {i + 1} is not JSON: {exc}") from exc
-    records = [r for r in items if isinstance(r, dict) and all(k in r for k in REQUIRED)]
+    flat = []
+    for r in items:
+        if isinstance(r, dict) and isinstance(r.get("ranks"), list) and "step" in r:
+            # one record per step with a list of per-rank dicts: rank = position in the list
+            for i, per_rank in enumerate(r["ranks"]):
+                if isinstance(per_rank, dict):
+                    flat.append({"step": r["step"], "rank": i, **per_rank})
+        else:
+            flat.append(r)
+    records = [r for r in flat if isinstance(r, dict) and all(k in r for k in REQUIRED)]
     if not records:
         raise ValueError(f"{str(path)!r} has no records with the fields {REQUIRED}")
     return records
