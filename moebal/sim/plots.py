@@ -64,7 +64,10 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
         for ax, vals, what in ((axes[0, i], thr, "throughput"), (axes[1, i], step, "step time")):
             ax.bar(range(len(names)), vals, color=cols)
             ax.axhline(1.0, color="k", lw=0.8, ls=":")
-            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+            if what == "step time":
+                ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+            else:
+                ax.set_xticks(range(len(names)), [""] * len(names))
             ax.set_ylabel(f"{what} / {ref}")
             for x, v in enumerate(vals):
                 if np.isfinite(v):
@@ -84,7 +87,6 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.set_xlabel("micro-batch x layer")
         ax.set_ylabel("GPU load max / mean")
         ax.set_title(run["label"], fontsize=9)
-        ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.suptitle("GPU load imbalance per micro-batch")
     paths.append(_save(fig, out_dir / "imbalance.png"))
