@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),
     ("simulate",): ("moebal.sim.cli", "replay routing traces on a modelled GPU cluster and compare balancing systems"),
 }
 
