@@ -9,7 +9,7 @@ from moebal.cli import main
 from moebal.sim.trace import generate_trace, save_trace
 
 SMALL = ["--gpus", "8", "--experts", "16", "--steps", "3", "--layers", "1", "--tokens-per-gpu", "256",
-         "--no-progress", "--sched-time-ms", "0.5"]
+         "--no-progress", "--sched-time-ms", "0.5", "--rebalance-every", "2"]
 
 
 def run_json(capsys, args):

@@ -120,7 +120,7 @@ def test_ideal_bound_two_gpus():
     assert cost.ideal_layer_time(loads2, 1, 2) == pytest.approx(3.0 + 2 * 1.0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.integers(2, 6),
     st.integers(1, 3),

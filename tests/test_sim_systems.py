@@ -130,7 +130,7 @@ def test_even_split_conserves_tokens():
     assert x.max() - x[hosts].min() >= 0
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     st.sampled_from([(4, 8, 2, 4), (8, 16, 4, 8), (8, 8, 2, 4), (4, 4, 1, 2)]),
     st.floats(0.0, 2.0),
