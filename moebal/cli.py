@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
     ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
     ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),
+    ("simulate",): ("moebal.sim.cli", "replay routing traces on a modelled GPU cluster and compare balancing systems"),
 }
 
 

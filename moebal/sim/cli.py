@@ -1,0 +1,462 @@
+"""Replay routing traces on a modelled GPU cluster and compare the balancing systems.
+
+Without --trace, a synthetic trace is generated (Zipf-skewed by default). Every system runs
+on the same micro-batches; the table gives the MoE-layer step time, throughput relative to
+plain expert parallelism and to Megatron's standard EP x EDP placement, the GPU load
+imbalance (max/mean per micro-batch), the tokens moved and the scheduling time charged.
+With --sweep, GPU counts 8..1024 and expert counts 64..1024 are simulated instead.
+Results go to --out (results.json and PNG plots); --json prints the JSON instead of tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from moebal.sim.cost import HARDWARE, CostModel, ModelShape, calibrate, expert_flops_per_token
+from moebal.sim.simulate import simulate
+from moebal.sim.systems import SYSTEMS, Cluster
+from moebal.sim.trace import GENERATORS, Trace, generate_trace, load_trace, microbatches
+
+SWEEP_GPUS = (8, 32, 64, 256, 1024)
+SWEEP_EXPERTS = (64, 256, 1024)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _systems(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SYSTEMS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown systems {bad or text!r}; choose from {','.join(SYSTEMS)}")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("work")
+    g.add_argument("--trace", nargs="+", type=Path, metavar="NPZ",
+                   help="routing trace(s) from `moebal train --trace` (each simulated on its own)")
+    g.add_argument("--synthetic", choices=GENERATORS, default="zipf", help="generator when no --trace (default zipf)")
+    g.add_argument("--exponent", type=float, default=1.0, help="Zipf exponent of the synthetic popularity")
+    g.add_argument("--drift", type=float, default=1.0, help="experts the popularity rotates per step (drift)")
+    g.add_argument("--hot-experts", type=int, default=4, help="hot experts per step (burst)")
+    g.add_argument("--hot-factor", type=float, default=8.0, help="weight multiplier of hot experts (burst)")
+    g.add_argument("--steps", type=int, help="synthetic steps, one micro-batch per GPU each (default 20; sweep 3)")
+    g.add_argument("--layers", type=int, help="synthetic MoE layers (default 2; sweep 1)")
+    g.add_argument("--tokens-per-gpu", type=int, default=4096,
+                   help="tokens per GPU and micro-batch (traces are rescaled to it; 0 keeps a trace's counts)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("cluster")
+    g.add_argument("--gpus", type=int, default=32)
+    g.add_argument("--experts", type=int, default=64, help="experts (a trace's own count wins)")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token (a trace's own K wins)")
+    g.add_argument("--ep", type=int, default=4, help="expert-parallel group size (experts per GPU = E / ep)")
+    g.add_argument("--sched-group", type=int, default=8, help="GPUs per scheduling group (whole EP groups)")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+
+    g = p.add_argument_group("cost model")
+    g.add_argument("--hardware", choices=sorted(HARDWARE), default="h100")
+    g.add_argument("--rate-tflops", type=float, help="sustained expert FLOP rate (TFLOP/s), overrides --hardware")
+    g.add_argument("--calibrate", type=Path, metavar="JSON",
+                   help="fit the rate (and overhead) from measured records with tokens and seconds")
+    g.add_argument("--intra-gbps", type=float, help="NVLink GB/s per direction per GPU (default 450)")
+    g.add_argument("--inter-gbit", type=float, help="network Gb/s per GPU (default 400)")
+    g.add_argument("--bw-efficiency", type=float, help="fraction of link rates an all-to-all reaches (default 0.8)")
+    g.add_argument("--latency-us", type=float, help="fixed cost of one all-to-all in microseconds (default 20)")
+    g.add_argument("--d-model", type=int, default=4096)
+    g.add_argument("--ffn-hidden", type=int, default=14336, help="expert hidden size F")
+    g.add_argument("--seq-len", type=int, default=4096, help="sequence length (attention share only)")
+    g.add_argument("--bytes-per-elem", type=int, default=2, help="bytes per dispatched element (bf16: 2)")
+    g.add_argument("--passes", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
+    g.add_argument("--sync", choices=("gpu", "stage"), default="gpu",
+                   help="layer time: slowest GPU's total (gpu) or sum of per-stage maxima (stage)")
+    g.add_argument("--overlap", action="store_true", help="overlap scheduling with the dispatch")
+    g.add_argument("--include-attention", action="store_true",
+                   help="add each layer's (balanced) attention block to every system")
+
+    g = p.add_argument_group("systems")
+    g.add_argument("--systems", type=_systems, default=list(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
+    g.add_argument("--rebalance-every", type=int, default=10, help="steps between EPLB/asymmetric re-placements")
+    g.add_argument("--warmup", type=int,
+                   help="untimed steps before the timed ones whose loads are the re-placing systems' first"
+                        " history (default: --rebalance-every; traces use their first micro-batches)")
+    g.add_argument("--sched-time-ms", type=float,
+                   help="charge this per layer for LP scheduling instead of the measured solve time")
+
+    g = p.add_argument_group("sweep and validation")
+    g.add_argument("--sweep", action="store_true", help="sweep GPU and expert counts instead of one run")
+    g.add_argument("--sweep-gpus", type=_int_list, default=list(SWEEP_GPUS))
+    g.add_argument("--sweep-experts", type=_int_list, default=list(SWEEP_EXPERTS))
+    g.add_argument("--validate", type=Path, metavar="JSONL",
+                   help="compare predictions with a run's per-rank measurements and exit")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=Path("runs/simulate"), help="folder for results.json and plots")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    g.add_argument("--no-progress", action="store_true")
+
+
+# ---------------------------------------------------------------------------------------
+def _calibration_pairs(path: Path, d_model: int, ffn_hidden: int, passes: str):
+    """(tokens, seconds) pairs from JSON/JSONL records: tokens in ``tokens_computed`` or
+    ``tokens`` or ``T``; seconds in ``t_compute`` or ``seconds`` or ``fwd_bwd_s``/``fwd_s``
+    (by ``passes``). Records carrying ``D``/``F`` of another shape are skipped; a JSON object
+    with a ``rows`` list is read as its rows."""
+    if not path.is_file():
+        raise ValueError(f"calibration file not found: {str(path)!r}")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+        items = data.get("rows", [data]) if isinstance(data, dict) else data
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"calibration file {str(path)!r} is neither JSON nor JSONL: {exc}") from exc
+    tokens, secs = [], []
+    for r in items:
+        if not isinstance(r, dict):
+            continue
+        if ("D" in r and r["D"] != d_model) or ("F" in r and r["F"] != ffn_hidden):
+            continue
+        t = next((r[k] for k in ("tokens_computed", "tokens", "T") if k in r), None)
+        s = next((r[k] for k in ("t_compute", "seconds", f"{passes}_s") if k in r), None)
+        if t is not None and s is not None:
+            tokens.append(float(t))
+            secs.append(float(s))
+    if len(tokens) < 2:
+        raise ValueError(
+            f"calibration file {str(path)!r} has {len(tokens)} usable (tokens, seconds) records"
+            f" for D={d_model}, F={ffn_hidden}; need at least 2"
+        )
+    return tokens, secs
+
+
+def build_cost(args) -> tuple[CostModel, dict]:
+    hw = HARDWARE[args.hardware]
+    notes = {"hardware": args.hardware}
+    changes = {}
+    if args.rate_tflops is not None:
+        changes["rate"] = args.rate_tflops * 1e12
+    if args.intra_gbps is not None:
+        changes["intra_bw"] = args.intra_gbps * 1e9
+    if args.inter_gbit is not None:
+        changes["inter_bw"] = args.inter_gbit * 1e9 / 8
+    if args.bw_efficiency is not None:
+        changes["bw_efficiency"] = args.bw_efficiency
+    if args.latency_us is not None:
+        changes["latency_s"] = args.latency_us * 1e-6
+    shape = ModelShape(args.d_model, args.ffn_hidden, args.top_k, args.bytes_per_elem, args.seq_len)
+    if args.calibrate is not None:
+        tokens, secs = _calibration_pairs(args.calibrate, args.d_model, args.ffn_hidden, args.passes)
+        rate, c0 = calibrate(tokens, secs, expert_flops_per_token(args.d_model, args.ffn_hidden, args.passes))
+        changes["rate"] = rate
+        changes["compute_overhead_s"] = c0 / (3 if args.passes == "fwd_bwd" else 1)
+        notes["calibrated_from"] = str(args.calibrate)
+        notes["calibrated_rate_tflops"] = rate / 1e12
+        notes["calibrated_overhead_us"] = c0 * 1e6
+    hw = hw.replace(**changes)
+    cost = CostModel(
+        hardware=hw,
+        shape=shape,
+        gpus_per_node=args.gpus_per_node,
+        passes=args.passes,
+        sync=args.sync,
+        overlap=args.overlap,
+        include_attention=args.include_attention,
+    )
+    return cost, notes
+
+
+def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: bool,
+         synthetic: bool = False) -> dict:
+    cluster = Cluster(gpus, trace.num_experts, args.ep, args.sched_group)
+    tpg = args.tokens_per_gpu if args.tokens_per_gpu > 0 else None
+    mb = microbatches(trace, gpus, tpg)
+    warm = args.warmup
+    if warm is None:  # synthetic: the generated warm-up steps; a trace: up to half of it
+        warm = args.rebalance_every if synthetic else min(args.rebalance_every, len(mb) // 2)
+    if warm >= len(mb):
+        raise ValueError(
+            f"{label}: {len(mb)} micro-batches of {gpus} GPUs leave none to time after"
+            f" --warmup {warm}; lower --warmup"
+        )
+    hist, mb = mb[:warm], mb[warm:]
+    res = simulate(
+        mb,
+        cluster,
+        cost.replace(shape=ModelShape(cost.shape.d_model, cost.shape.ffn_hidden, trace.top_k,
+                                      cost.shape.bytes_per_elem, cost.shape.seq_len)),
+        args.systems,
+        top_k=trace.top_k,
+        rebalance_every=args.rebalance_every,
+        seed=args.seed,
+        sched_time_s=None if args.sched_time_ms is None else args.sched_time_ms * 1e-3,
+        history_MLGE=hist,
+        progress=progress,
+    )
+    return {
+        "label": label,
+        "gpus": gpus,
+        "experts": trace.num_experts,
+        "top_k": trace.top_k,
+        "micro_batches": int(mb.shape[0]),
+        "warmup": int(warm),
+        "max_vio_batch": _max_vio_batch(mb),
+        "layers": int(mb.shape[1]),
+        "trace_meta": trace.meta,
+        "summary": res.summary(),
+        "skipped": res.skipped,
+        "series": {
+            name: {
+                "step_time_M": r.step_time_M.tolist(),
+                "imbalance_ML": r.imbalance_ML.tolist(),
+                "moved_ML": r.moved_ML.tolist(),
+            }
+            for name, r in res.systems.items()
+        },
+    }
+
+
+def _labelled(path: Path) -> tuple[str, Trace]:
+    """(label, trace): the file name, its folder when the name is the generic ``trace``, and
+    the balancer recorded in the trace's metadata."""
+    trace = load_trace(path)
+    label = f"{path.parent.name}/{path.stem}" if path.stem == "trace" and path.parent.name else path.stem
+    balancer = trace.meta.get("balancer")
+    if balancer:
+        label += f" ({balancer})"
+    return label, trace
+
+
+def _max_vio_batch(mb_MLGE: np.ndarray) -> float:
+    """Mean over micro-batches and layers of the expert loads' MaxVio (max / mean - 1),
+    the loads summed over all GPUs: how unbalanced the routing itself is."""
+    loads = mb_MLGE.sum(2).astype(np.float64)
+    mean = loads.mean(-1)
+    ok = mean > 0
+    return float((loads.max(-1)[ok] / mean[ok] - 1).mean()) if ok.any() else 0.0
+
+
+def _synthetic(args, gpus: int, experts: int) -> Trace:
+    return generate_trace(
+        args.synthetic,
+        steps=args.steps + (args.rebalance_every if args.warmup is None else args.warmup),
+        layers=args.layers,
+        shards=gpus,
+        experts=experts,
+        tokens_per_shard=args.tokens_per_gpu if args.tokens_per_gpu > 0 else 4096,
+        top_k=args.top_k,
+        exponent=args.exponent,
+        drift=args.drift,
+        hot_experts=min(args.hot_experts, experts),
+        hot_factor=args.hot_factor,
+        seed=args.seed,
+    )
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_table(run: dict, file=None) -> None:
+    file = sys.stdout if file is None else file
+    print(f"\n{run['label']}: {run['gpus']} GPUs, {run['experts']} experts, top-{run['top_k']},"
+          f" {run['micro_batches']} steps x {run['layers']} layers (after {run['warmup']} warm-up steps);"
+          f" routing MaxVio_batch {run['max_vio_batch']:.3f}", file=file)
+    head = (f"{'system':<14}{'step ms':>9}{'Mtok/s':>9}{'vs EP':>8}{'vs std':>8}"
+            f"{'imb mean':>9}{'imb max':>9}{'moved%':>8}{'inter%':>8}{'sched ms':>9}")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in run["summary"]:
+        print(
+            f"{r['system']:<14}{r['step_ms']:>9.2f}{r['tokens_per_s'] / 1e6:>9.2f}"
+            f"{_fmt(r['speedup_vs_plain_ep'], '.3f'):>8}{_fmt(r['speedup_vs_standard'], '.3f'):>8}"
+            f"{r['imbalance_mean']:>9.3f}{r['imbalance_max']:>9.3f}{100 * r['moved_frac']:>8.1f}"
+            f"{100 * r['inter_node_frac']:>8.1f}{r['sched_ms']:>9.3f}",
+            file=file,
+        )
+    for name, why in run["skipped"].items():
+        print(f"{name:<14}skipped: {why}", file=file)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, default=float)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_args(args) -> None:
+    for name in ("steps", "layers", "gpus", "experts", "top_k", "ep", "sched_group", "gpus_per_node",
+                 "rebalance_every", "d_model", "ffn_hidden", "seq_len", "bytes_per_elem"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.tokens_per_gpu < 0:
+        raise ValueError(f"--tokens-per-gpu must be >= 0, got {args.tokens_per_gpu}")
+    if args.sched_time_ms is not None and args.sched_time_ms < 0:
+        raise ValueError(f"--sched-time-ms must be >= 0, got {args.sched_time_ms}")
+
+
+def run(args) -> int:
+    if args.steps is None:
+        args.steps = 3 if args.sweep else 20
+    if args.layers is None:
+        args.layers = 1 if args.sweep else 2
+    _check_args(args)
+    cost, notes = build_cost(args)
+    progress = not args.no_progress and not args.json
+
+    if args.validate is not None:
+        from moebal.sim.validate import read_records, validate
+
+        out = validate(read_records(args.validate), cost)
+        if args.json:
+            print(json.dumps(out, indent=1))
+        else:
+            f = out["fitted"]
+            print(f"fitted on {out['steps_fit']} steps, evaluated on {out['steps_eval']}:")
+            print(f"  rate {f['rate_flops'] / 1e9:.2f} GFLOP/s, overhead {f['compute_overhead_s'] * 1e3:.3f} ms,"
+                  f" link {f['intra_bw_effective'] / 1e9:.3f} GB/s, latency {f['latency_s'] * 1e6:.1f} us")
+            for k, v in out["mape"].items():
+                print(f"  {k:<11} mean abs error {_fmt(v, '.1f')}%")
+            print(f"  slowest rank per step: mean abs error {out['step_mape']:.1f}%")
+        return 0
+
+    runs = []
+    if args.sweep:
+        combos = []
+        if args.trace:
+            traces = [_labelled(p) for p in args.trace]
+            combos = [(label, tr, g) for label, tr in traces for g in args.sweep_gpus]
+        else:
+            combos = [(f"{args.synthetic} {g} GPUs x {e} experts", None, g, e)
+                      for e in args.sweep_experts for g in args.sweep_gpus]
+        flat = []
+        outer = None
+        if progress:
+            from tqdm import tqdm
+
+            outer = tqdm(combos, desc="sweep", unit="config")
+        skipped = []
+        for combo in (outer if outer is not None else combos):
+            if len(combo) == 3:
+                label, tr, g = combo
+            else:
+                label, _, g, e = combo
+                if e < args.top_k:
+                    skipped.append({"label": label, "reason": f"top-k {args.top_k} > {e} experts"})
+                    continue
+                tr = None
+            try:
+                Cluster(g, tr.num_experts if tr is not None else e, args.ep, args.sched_group)
+                r = _one(tr if tr is not None else _synthetic(args, g, e), label, g, args, cost, False,
+                         synthetic=tr is None)
+            except ValueError as exc:
+                skipped.append({"label": label, "reason": str(exc)})
+                continue
+            runs.append(r)
+            for row in r["summary"]:
+                flat.append({"gpus": g, "experts": r["experts"], **row})
+        result = {"args": _args_dict(args), "cost": _cost_dict(cost), "notes": notes,
+                  "sweep": flat, "skipped_configs": skipped,
+                  "runs": [{k: v for k, v in r.items() if k != "series"} for r in runs]}
+        _write_json(args.out / "results.json", result)
+        if not args.no_plots and flat:
+            from moebal.sim.plots import plot_sweep
+
+            plot_sweep(flat, args.out)
+        if args.json:
+            print(json.dumps(result, indent=1, default=float))
+        else:
+            _print_sweep(flat, skipped)
+            print(f"\nresults: {args.out / 'results.json'}")
+        return 0
+
+    if args.trace:
+        inputs = [_labelled(p) for p in args.trace]
+    else:
+        label = f"{args.synthetic} (exponent {args.exponent:g})" if args.synthetic != "uniform" else "uniform"
+        inputs = [(label, _synthetic(args, args.gpus, args.experts))]
+    for label, tr in inputs:
+        runs.append(_one(tr, label, args.gpus, args, cost, progress, synthetic=not args.trace))
+    result = {"args": _args_dict(args), "cost": _cost_dict(cost),
+              "notes": notes, "runs": runs}
+    _write_json(args.out / "results.json", result)
+    if not args.no_plots:
+        from moebal.sim.plots import plot_run
+
+        plot_run(runs, args.out)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    else:
+        for r in runs:
+            print_table(r)
+        print(f"\nresults: {args.out / 'results.json'}" + ("" if args.no_plots else f" and plots in {args.out}/"))
+    return 0
+
+
+def _print_sweep(flat: list[dict], skipped: list[dict]) -> None:
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in flat)]
+    head = f"{'GPUs':>6}{'experts':>8}" + "".join(f"{s:>14}" for s in systems)
+    print("throughput relative to the standard placement (MoE layers)")
+    print(head)
+    print("-" * len(head))
+    keys = sorted({(r["gpus"], r["experts"]) for r in flat}, key=lambda k: (k[1], k[0]))
+    for g, e in keys:
+        vals = {r["system"]: r["speedup_vs_standard"] for r in flat if r["gpus"] == g and r["experts"] == e}
+        print(f"{g:>6}{e:>8}" + "".join(f"{_fmt(vals.get(s), '.3f'):>14}" for s in systems))
+    for s in skipped:
+        print(f"skipped {s['label']}: {s['reason']}")
+
+
+def _args_dict(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "trace" and v else v)
+            for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
+
+
+def _cost_dict(cost: CostModel) -> dict:
+    hw, sh = cost.hardware, cost.shape
+    return {
+        "hardware": hw.name, "rate_tflops": hw.rate / 1e12, "compute_overhead_us": hw.compute_overhead_s * 1e6,
+        "intra_gbps": hw.intra_bw / 1e9, "inter_gbit": hw.inter_bw * 8 / 1e9, "bw_efficiency": hw.bw_efficiency,
+        "latency_us": hw.latency_s * 1e6, "d_model": sh.d_model, "ffn_hidden": sh.ffn_hidden,
+        "bytes_per_elem": sh.bytes_per_elem, "seq_len": sh.seq_len, "gpus_per_node": cost.gpus_per_node,
+        "passes": cost.passes, "sync": cost.sync, "overlap": cost.overlap,
+        "include_attention": cost.include_attention,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:  # python -m moebal.sim.cli
+    parser = argparse.ArgumentParser(prog="moebal simulate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
