@@ -77,11 +77,12 @@ def _context():
 
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        # what the workers would each import otherwise; grouped_mm's first call pulls in
-        # symbolic_shapes (and sympy), seconds per process on a small CPU
-        ctx.set_forkserver_preload(["torch", "torch.distributed",
-                                    "torch.fx.experimental.symbolic_shapes",
-                                    "moebal.parallel", "moebal.model"])
+        # what the workers would each import otherwise: grouped_mm's first call pulls in
+        # symbolic_shapes (and sympy), the first optimizer torch._dynamo; seconds per
+        # process on a small CPU
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.optim",
+                                    "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+                                    "numpy", "moebal.parallel", "moebal.model"])
         return ctx
     return mp.get_context("spawn")
 

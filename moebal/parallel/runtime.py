@@ -73,7 +73,6 @@ class ParallelConfig:
     placement_seed  seed of the placement builders that shuffle.
     placement_loads per-expert load history for the builders that use one (asymmetric,
                     eplb); None = uniform.
-    timeout_s       every collective fails after this many seconds.
     timing          measure dispatch/compute/combine times (on CUDA: synchronises).
     """
 
@@ -83,7 +82,6 @@ class ParallelConfig:
     sched_size: Optional[int] = None
     placement_seed: int = 0
     placement_loads: Optional[Sequence[float]] = None
-    timeout_s: float = comm.DEFAULT_TIMEOUT_S
     timing: bool = True
 
     def __post_init__(self) -> None:
@@ -91,8 +89,6 @@ class ParallelConfig:
             raise ValueError(f"ep_size must be a positive int, got {self.ep_size!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise ValueError(f"timeout_s must be a positive number, got {self.timeout_s!r}")
         if isinstance(self.placement, str):
             from moebal.parallel.placement import check_placement_name
 
@@ -169,7 +165,10 @@ class ExpertParallel:
     @classmethod
     def setup(cls, config: ParallelConfig, num_experts: int,
               device: Optional[torch.device] = None) -> "ExpertParallel":
-        """Validate (before any collective), then create the process groups."""
+        """Validate (before any collective), then create the process groups.
+
+        The groups get the collective timeout given to :func:`init_distributed`.
+        """
         if not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialised: call moebal.parallel.init_distributed() "
@@ -182,7 +181,6 @@ class ExpertParallel:
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device())
                       if dist.get_backend() == "nccl" else torch.device("cpu"))
-        comm._STATE.timeout_s = float(config.timeout_s)
         return cls(config, layout, placement, rank, device)
 
     # -- the model ---------------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""Expert parallelism on torch.distributed (gloo, CPU, several processes).
+
+The distributed tests run the worker functions of tests/parallel_workers.py on 4
+processes through ``moebal.parallel.spawn``; each rank returns what it saw and the
+assertions run here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from moebal.parallel import (
+    STAT_FIELDS,
+    ParallelLayout,
+    Planner,
+    check_sizes,
+    spawn,
+    summarise,
+)
+from moebal.parallel.plan import check_plan, static_targets
+from parallel_workers import (
+    MODEL,
+    OVERLAP,
+    STANDARD,
+    SpreadPlanner,
+    all_to_all_worker,
+    bad_input_worker,
+    ep_worker,
+    failing_worker,
+    model_config,
+    reference,
+)
+
+# --- layout and plans: pure, no processes -------------------------------------------------
+
+@pytest.mark.parametrize(
+    "sizes, needle",
+    [((6, 4, 8), "world size 6 is not a multiple of the EP size 4"),
+     ((6, 3, 8), "num_experts=8 does not divide over the 3 ranks"),
+     ((8, 2, 8, 3), "scheduling group size 3"),
+     ((0, 1, 8), "world_size must be a positive int, got 0")],
+)
+def test_sizes_that_do_not_fit_are_refused(sizes, needle):
+    with pytest.raises(ValueError, match=needle):
+        check_sizes(*sizes)
+
+
+def test_layout_groups_of_a_standard_placement():
+    layout = ParallelLayout.from_placement(4, 2, 8, STANDARD)
+    assert layout.ep_groups() == [(0, 1), (2, 3)]
+    assert layout.sched_groups() == [(0, 1, 2, 3)]
+    assert layout.replica_set(4) == (0, 2) and layout.replica_set(5) == (1, 3)
+    assert layout.replica_sets() == [(0, 2), (1, 3)]
+    assert layout.is_standard()
+    overlap = ParallelLayout.from_placement(4, 2, 8, OVERLAP)
+    assert overlap.replica_sets() == [(0, 2), (0, 3), (1, 2), (1, 3)]
+
+
+def test_layout_tiles_a_placement_over_scheduling_groups():
+    layout = ParallelLayout.from_placement(8, 2, 4, [[0, 1], [2, 3], [0, 2], [1, 3]], sched_size=4)
+    assert layout.sched_groups() == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert layout.local_experts(6) == (0, 2)
+    assert layout.replica_set(0) == (0, 2, 4, 6)
+
+
+@pytest.mark.parametrize(
+    "placement, needle",
+    [([[0, 2, 4, 6], [1, 3, 5, 7]], "covers 2 GPUs"),
+     ([[0, 2, 4], [1, 3, 5, 7], [0, 2, 4, 6], [1, 3, 5, 7]], "GPU 0 of the placement holds 3"),
+     ([[0, 0, 4, 6], [1, 3, 5, 7], [0, 2, 4, 6], [1, 3, 5, 7]], "holds an expert twice"),
+     ([[0, 2, 4, 9], [1, 3, 5, 7], [0, 2, 4, 6], [1, 3, 5, 7]], "expert 9"),
+     ([[0, 2, 4, 1], [1, 3, 5, 7], [0, 2, 4, 1], [1, 3, 5, 7]], r"experts \[6\] have no replica")],
+)
+def test_bad_placements_are_named(placement, needle):
+    with pytest.raises(ValueError, match=needle):
+        ParallelLayout.from_placement(4, 2, 8, placement)
+
+
+def test_none_schedule_stays_in_the_own_ep_group():
+    layout = ParallelLayout.from_placement(4, 2, 8, OVERLAP)
+    target = static_targets(layout)
+    holds = layout.holds_GE()
+    for g in range(4):
+        group = layout.ep_group(g)
+        for e in range(8):
+            assert holds[target[g, e], e]
+            assert target[g, e] in group
+            if holds[g, e]:
+                assert target[g, e] == g
+    loads = np.random.default_rng(0).integers(0, 20, size=(4, 8))
+    planner = Planner(layout, "none")
+    total = np.zeros(4, dtype=np.int64)
+    for g in range(4):
+        plan = planner.plan(loads, g)
+        check_plan(plan, loads, g, holds)
+        total[g] = plan.recv_GE.sum()
+        assert plan.makespan == plan.makespan_unscheduled
+    assert total.sum() == loads.sum()
+    assert np.array_equal(total, planner.plan(loads, 0).computed_G)
+
+
+def test_spread_planner_is_a_valid_plan():
+    layout = ParallelLayout.from_placement(4, 2, 8, OVERLAP)
+    loads = np.random.default_rng(1).integers(0, 9, size=(4, 8))
+    planner = SpreadPlanner(layout)
+    for g in range(4):
+        check_plan(planner.plan(loads, g), loads, g, layout.holds_GE())
+
+
+# --- collectives ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _worker_server():
+    """Start the worker process server once (it imports torch), outside any test's time."""
+    spawn(_noop, 1, timeout_s=120)
+
+
+def _noop(rank, world):
+    return rank
+
+
+def test_all_to_all_moves_rows_and_sends_gradients_back():
+    results = spawn(all_to_all_worker, 4, timeout_s=60)
+    splits = results[0].value[0]
+    for r in results:
+        _, y, grad, counts = r.value
+        expected = []
+        for s in range(4):
+            start = int(splits[s, :r.rank].sum())
+            expected += [1000.0 * s + start + i for i in range(int(splits[s, r.rank]))]
+        assert y[:, 0].tolist() == expected
+        dest = torch.repeat_interleave(torch.arange(4), splits[r.rank])
+        assert torch.equal(grad[:, 0], (dest + 1).double())
+        assert counts.tolist() == [[s, 10 * s] for s in range(4)]
+
+
+# --- the expert-parallel model against the single-process model -------------------------
+
+def _expected_grad(name, ref_grads, local_experts):
+    if ".experts.local." in name:
+        return ref_grads[name.replace("experts.local.", "experts.")][list(local_experts)]
+    return ref_grads[name]
+
+
+def _run_ep(placement, schedule="none", steps=1, spread=False, clip=None, **model_overrides):
+    config = model_config(**model_overrides)
+    pkw = dict(ep_size=2, placement=placement, schedule=schedule)
+    results = spawn(ep_worker, 4, (config.to_dict(), pkw, steps, 1e-2, clip, spread),
+                    timeout_s=120)
+    return config, [r.value for r in results]
+
+
+@pytest.mark.parametrize(
+    "placement, spread",
+    [(STANDARD, False), (OVERLAP, False), (OVERLAP, True)],
+    ids=["standard-none", "overlap-none", "overlap-spread"],
+)
+def test_ep_model_has_the_single_process_loss_and_gradients(placement, spread):
+    config, values = _run_ep(placement, spread=spread)
+    ref_losses, ref_grads, _ = reference(config, steps=1)
+    for v in values:
+        assert v["losses"][0] == pytest.approx(ref_losses[0], rel=1e-5)
+        for name, grad in v["grads"].items():
+            expected = _expected_grad(name, ref_grads, v["local_experts"])
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_replicas_stay_identical_and_training_matches_single_process():
+    steps = 4
+    config, values = _run_ep(OVERLAP, steps=steps, spread=True, clip=0.05)
+    ref_losses, _, ref_state = reference(config, steps=steps, clip=0.05)
+    layout = ParallelLayout.from_placement(4, 2, 8, OVERLAP)
+    for v in values:
+        assert v["losses"] == pytest.approx(ref_losses, rel=1e-4)
+        for key, value in ref_state.items():
+            torch.testing.assert_close(v["full_state"][key], value, rtol=1e-4, atol=1e-5,
+                                       msg=key)
+    # every replica of every expert holds the same weights, bit for bit
+    for e in range(8):
+        reps = layout.replica_set(e)
+        for name in values[reps[0]]["local_params"]:
+            if ".experts.local." not in name:
+                continue
+            weights = [values[r]["local_params"][name][values[r]["local_experts"].index(e)]
+                       for r in reps]
+            for w in weights[1:]:
+                assert torch.equal(w, weights[0]), (name, e)
+    # dense parameters too
+    for name, p in values[0]["local_params"].items():
+        if ".experts.local." not in name:
+            for v in values[1:]:
+                assert torch.equal(v["local_params"][name], p), name
+
+
+def test_step_records_count_every_token_once():
+    _, values = _run_ep(OVERLAP, steps=2, spread=True)
+    records = values[0]["records"]
+    assert all(v["records"] == records for v in values)  # gathered on every rank
+    assert {tuple(sorted(r)) for r in records} == {tuple(sorted(("rank", "step") + STAT_FIELDS))}
+    tokens_per_rank = 8 // 4 * 12
+    moe_layers = MODEL["n_layers"]
+    for step in range(2):
+        rows = [r for r in records if r["step"] == step]
+        assert sorted(r["rank"] for r in rows) == [0, 1, 2, 3]
+        computed = sum(r["tokens_computed"] for r in rows)
+        assert computed == 4 * tokens_per_rank * MODEL["top_k"] * moe_layers
+        assert sum(r["tokens_sent"] for r in rows) == sum(r["tokens_received"] for r in rows)
+        assert all(r["tokens_sent"] > 0 for r in rows)  # spread sends to every replica
+        assert max(r["tokens_computed"] for r in rows) <= rows[0]["makespan"]
+        assert all(r["makespan"] == rows[0]["makespan"] for r in rows)
+        assert all(r["t_dispatch"] > 0 and r["t_compute"] > 0 and r["t_combine"] > 0
+                   for r in rows)
+    summary = summarise(records)
+    assert summary["steps"] == 2 and set(summary["per_rank"]) == {0, 1, 2, 3}
+
+
+# --- failures and bad input ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["raise", pytest.param("hang", marks=pytest.mark.slow)])
+def test_a_failing_rank_raises_a_clear_error_on_every_rank(mode):
+    start = time.monotonic()
+    results = spawn(failing_worker, 4, (mode,), timeout_s=60, collective_timeout_s=3,
+                    raise_on_error=False)
+    assert time.monotonic() - start < 45  # no hang
+    assert not any(r.ok for r in results)
+    if mode == "raise":
+        assert "data loader of rank 2 broke" in results[2].error
+    for r in results:
+        if r.rank == 2 and mode == "raise":
+            continue
+        assert r.error_type == "CollectiveError", r.error
+        assert f"rank {r.rank}: collective" in r.error and "timeout 3 s" in r.error
+
+
+BAD_INPUTS = [
+    (3, 6, [[0, 1]] * 4, "world size 4 is not a multiple of the EP size 3"),
+    (4, 6, [[0]] * 4, "num_experts=6 does not divide over the 4 ranks"),
+    (2, 8, STANDARD[:2], "covers 2 GPUs but the scheduling group has 4"),
+]
+
+
+def test_bad_input_is_refused_on_every_rank_before_any_collective():
+    cases = [case[:3] for case in BAD_INPUTS]
+    results = spawn(bad_input_worker, 4, (cases,), timeout_s=60, collective_timeout_s=5)
+    for r in results:
+        # each rank tried every case; a rank stuck in a collective would time out instead
+        for (_, _, _, needle), (etype, message) in zip(BAD_INPUTS, r.value):
+            assert etype == "ValueError" and needle in message, message
