@@ -1,0 +1,43 @@
+"""Replica placement and per-micro-batch token scheduling across GPUs (pure NumPy).
+
+Shared by the cluster simulator and the distributed runtime; imports nothing from the model,
+the trainer or the runtime.
+"""
+
+from moebal.schedule.placement import (
+    PLACEMENTS,
+    Placement,
+    asymmetric,
+    build_placement,
+    densest_subset,
+    eplb,
+    register_placement,
+    standard,
+    subset_density,
+    symmetric,
+)
+from moebal.schedule.solve import (
+    METHODS,
+    Schedule,
+    even_split_makespan,
+    lp_optimum,
+    solve_schedule,
+)
+
+__all__ = [
+    "METHODS",
+    "PLACEMENTS",
+    "Placement",
+    "Schedule",
+    "asymmetric",
+    "build_placement",
+    "densest_subset",
+    "eplb",
+    "even_split_makespan",
+    "lp_optimum",
+    "register_placement",
+    "solve_schedule",
+    "standard",
+    "subset_density",
+    "symmetric",
+]
