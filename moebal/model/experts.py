@@ -67,6 +67,18 @@ def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x and the weights in one dtype: the autocast dtype under autocast, else x's."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+        else x.dtype
+    return tuple(t.to(dtype) for t in (x, *weights))
+
+
+def _aligned_hidden(x: torch.Tensor, hidden: int) -> bool:
+    return (hidden * x.element_size()) % 16 == 0 and (x.shape[1] * x.element_size()) % 16 == 0
+
+
 def padded_bmm(x_ND: torch.Tensor, w_EXY: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """The grouped matmul as one bmm over experts padded to the largest count.
 
@@ -93,15 +105,81 @@ def grouped_matmul(
     Uses grouped_mm where it can run, else :func:`padded_bmm`. Under autocast both operands
     are cast to the autocast dtype (grouped_mm takes one dtype).
     """
-    device_type = x_ND.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x_ND, w_EXY = x_ND.to(dtype), w_EXY.to(dtype)
-    elif w_EXY.dtype != x_ND.dtype:
-        w_EXY = w_EXY.to(x_ND.dtype)
+    x_ND, w_EXY = _compute_dtype(x_ND, w_EXY)
     if _use_grouped_mm(x_ND, w_EXY):
         return _GROUPED_MM(x_ND, w_EXY, offs=offsets_E)
     return padded_bmm(x_ND, w_EXY, counts_E)
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _GROUPED_MM(a, b, offs=offsets_E)
+
+
+class _SortedSwiGLU(torch.autograd.Function):
+    """Gather rows by expert, grouped SwiGLU, gate-weighted sum back to tokens; one node.
+
+    The backward is written out so that it is the six grouped matmuls plus a handful of
+    row gathers and elementwise passes, no more: silu(h1) is kept from the forward, and
+    in the dropless case each token's K rows are gathered back (``pos_S``: the sorted
+    position of every slot) instead of scatter-added, which is deterministic on GPUs too.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, slot_N, pos_S, offsets_E):
+        T, D = x_TD.shape
+        K = weights_TK.shape[1]
+        token_N = torch.div(slot_N, K, rounding_mode="floor")
+        weight_N = weights_TK.reshape(-1).index_select(0, slot_N)
+
+        x_ND = x_TD.index_select(0, token_N)
+        h1_NF = _gmm(x_ND, w1_EDF, offsets_E)
+        h3_NF = _gmm(x_ND, w3_EDF, offsets_E)
+        s1_NF = F.silu(h1_NF)
+        a_NF = s1_NF * h3_NF
+        y_ND = _gmm(a_NF, w2_EFD, offsets_E)
+
+        if pos_S is not None:  # dropless: out[t] = sum_k weights[t, k] * y[pos[t, k]]
+            y_TKD = y_ND.index_select(0, pos_S).view(T, K, D)
+            out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).view(T, D)
+        else:
+            out_TD = x_TD.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1))
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, s1_NF, a_NF, y_ND, weight_N,
+                              w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, pos_S, offsets_E)
+        ctx.top_k = K
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (x_ND, h1_NF, h3_NF, s1_NF, a_NF, y_ND, weight_N,
+         w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, pos_S, offsets_E) = ctx.saved_tensors
+        T, D = g_TD.shape
+        K = ctx.top_k
+        g_ND = g_TD.contiguous().index_select(0, token_N)
+
+        grad_weights_TK = None
+        if ctx.needs_input_grad[4]:
+            grad_weight_N = torch.linalg.vecdot(g_ND, y_ND)
+            if pos_S is not None:
+                grad_weights_TK = grad_weight_N.index_select(0, pos_S).view(T, K)
+            else:  # dropped slots get no gradient
+                grad_weights_TK = grad_weight_N.new_zeros(T * K).index_copy_(
+                    0, slot_N, grad_weight_N).view(T, K)
+        g_ND = g_ND * weight_N.unsqueeze(1)
+
+        grad_w2 = _gmm(a_NF.t(), g_ND, offsets_E)  # [E, F, D]
+        grad_a_NF = _gmm(g_ND, w2_EFD.transpose(1, 2), offsets_E)
+        grad_h3_NF = grad_a_NF * s1_NF
+        grad_h1_NF = torch.ops.aten.silu_backward(grad_a_NF * h3_NF, h1_NF)
+        grad_w1 = _gmm(x_ND.t(), grad_h1_NF, offsets_E)  # [E, D, F]
+        grad_w3 = _gmm(x_ND.t(), grad_h3_NF, offsets_E)
+        grad_x_ND = _gmm(grad_h1_NF, w1_EDF.transpose(1, 2), offsets_E)
+        grad_x_ND += _gmm(grad_h3_NF, w3_EDF.transpose(1, 2), offsets_E)
+        if pos_S is not None:  # sum each token's K rows: gather in [K, T] order, sum dim 0
+            pos_KT = pos_S.view(T, K).t().reshape(-1)
+            grad_x_TD = grad_x_ND.index_select(0, pos_KT).view(K, T, D).sum(0)
+        else:
+            grad_x_TD = grad_x_ND.new_zeros(T, D).index_add_(0, token_N, grad_x_ND)
+        return grad_x_TD, grad_w1, grad_w3, grad_w2, grad_weights_TK, None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -140,17 +218,31 @@ class GroupedExperts(nn.Module):
         T, D = x_TD.shape
         K = routing.indices_TK.shape[1]
         expert_S = routing.indices_TK.reshape(-1)  # S = T*K slots, token-major
-        weight_S = routing.weights_TK.reshape(-1)
-        if bool(routing.kept_TK.all()):
+        dropless = bool(routing.kept_TK.all())
+        if dropless:
             slot_N = torch.argsort(expert_S, stable=True)
         else:  # capacity dropped some slots: sort only the kept ones
             kept_slot = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
             slot_N = kept_slot[torch.argsort(expert_S[kept_slot], stable=True)]
         counts_E = torch.bincount(expert_S[slot_N], minlength=self.num_experts)
-        token_N = torch.div(slot_N, K, rounding_mode="floor")
 
-        y_ND = self.run_sorted(x_TD[token_N], counts_E)
-        y_ND = y_ND * weight_S[slot_N].unsqueeze(1).to(y_ND.dtype)
+        x_cast, w1, w3, w2 = _compute_dtype(x_TD, self.w1_EDF, self.w3_EDF, self.w2_EFD)
+        weights_TK = routing.weights_TK.to(x_cast.dtype)
+        if _use_grouped_mm(x_cast, w1) and _aligned_hidden(x_cast, self.hidden):
+            offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            pos_S = None
+            if dropless:
+                pos_S = torch.empty_like(slot_N).scatter_(
+                    0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
+            with torch.autocast(x_TD.device.type, enabled=False):
+                out_TD = _SortedSwiGLU.apply(x_cast, w1, w3, w2, weights_TK, slot_N, pos_S,
+                                             offsets_E)
+            return out_TD.to(x_TD.dtype)
+
+        # fallback: plain autograd through grouped_matmul (grouped_mm or padded bmm)
+        token_N = torch.div(slot_N, K, rounding_mode="floor")
+        y_ND = self.run_sorted(x_TD.index_select(0, token_N), counts_E)
+        y_ND = y_ND * routing.weights_TK.reshape(-1)[slot_N].unsqueeze(1).to(y_ND.dtype)
         out_TD = torch.zeros(T, D, dtype=y_ND.dtype, device=x_TD.device)
         return out_TD.index_add_(0, token_N, y_ND).to(x_TD.dtype)
 
