@@ -58,10 +58,10 @@ class SpreadPlanner(Planner):
                     send_GEG[s, e, g] = base + (i < extra)
         return send_GEG
 
-    def plan(self, loads_GE, rank):
+    def plan(self, loads_GE, rank, layer=0):
         send_GEG = self.full(np.asarray(loads_GE))
         computed = send_GEG.sum((0, 1))
-        unscheduled = super().plan(loads_GE, rank).computed_unscheduled_G
+        unscheduled = super().plan(loads_GE, rank, layer).computed_unscheduled_G
         return RankPlan(send_GEG[rank], send_GEG[:, :, rank], computed, unscheduled)
 
 
@@ -133,6 +133,7 @@ def ep_worker(rank, world, config_dict, pconfig_kwargs, steps, lr, clip, spread)
     full = ep.full_state_dict(model)
     return dict(losses=losses, grads=grads, local_params=local, full_state=full,
                 local_experts=ep.local_experts(), records=records,
+                placement=[list(ep.layout.local_experts(r)) for r in range(world)],
                 router_state=[r.state_dict() for r in model.routers()])
 
 

@@ -115,8 +115,10 @@ def test_spread_planner_is_a_valid_plan():
 
 @pytest.fixture(scope="module", autouse=True)
 def _worker_server():
-    """Start the worker process server once (it imports torch), outside any test's time."""
+    """Start the worker process server once (it imports torch), and make this process
+    import what the first model step imports, outside any test's time."""
     spawn(_noop, 1, timeout_s=120)
+    reference(model_config(), steps=1)
 
 
 def _noop(rank, world):
@@ -155,12 +157,13 @@ def _run_ep(placement, schedule="none", steps=1, spread=False, clip=None, **mode
 
 
 @pytest.mark.parametrize(
-    "placement, spread",
-    [(STANDARD, False), (OVERLAP, False), (OVERLAP, True)],
-    ids=["standard-none", "overlap-none", "overlap-spread"],
+    "placement, schedule, spread",
+    [("standard", "lp", False), ("symmetric", "lp", False), ("standard", "none", False),
+     ("symmetric", "none", False), (OVERLAP, "none", True)],
+    ids=["standard-lp", "symmetric-lp", "standard-none", "symmetric-none", "overlap-spread"],
 )
-def test_ep_model_has_the_single_process_loss_and_gradients(placement, spread):
-    config, values = _run_ep(placement, spread=spread)
+def test_ep_model_has_the_single_process_loss_and_gradients(placement, schedule, spread):
+    config, values = _run_ep(placement, schedule, spread=spread)
     ref_losses, ref_grads, _ = reference(config, steps=1)
     for v in values:
         assert v["losses"][0] == pytest.approx(ref_losses[0], rel=1e-5)
@@ -169,11 +172,13 @@ def test_ep_model_has_the_single_process_loss_and_gradients(placement, spread):
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_replicas_stay_identical_and_training_matches_single_process():
+@pytest.mark.parametrize("placement, spread", [("symmetric", False), (OVERLAP, True)],
+                         ids=["symmetric-lp", "overlap-spread"])
+def test_replicas_stay_identical_and_training_matches_single_process(placement, spread):
     steps = 4
-    config, values = _run_ep(OVERLAP, steps=steps, spread=True, clip=0.05)
+    config, values = _run_ep(placement, "lp", steps=steps, spread=spread, clip=0.05)
     ref_losses, _, ref_state = reference(config, steps=steps, clip=0.05)
-    layout = ParallelLayout.from_placement(4, 2, 8, OVERLAP)
+    layout = ParallelLayout.from_placement(4, 2, 8, values[0]["placement"])
     for v in values:
         assert v["losses"] == pytest.approx(ref_losses, rel=1e-4)
         for key, value in ref_state.items():
@@ -198,6 +203,11 @@ def test_replicas_stay_identical_and_training_matches_single_process():
 
 def test_step_records_count_every_token_once():
     _, values = _run_ep(OVERLAP, steps=2, spread=True)
+    _, scheduled = _run_ep("symmetric", "lp", steps=2)
+    _, unscheduled = _run_ep("symmetric", "none", steps=2)
+    for lp, none in zip(scheduled[0]["records"], unscheduled[0]["records"]):
+        assert lp["makespan"] <= lp["makespan_unscheduled"] == none["makespan"]
+        assert none["makespan"] == none["makespan_unscheduled"]
     records = values[0]["records"]
     assert all(v["records"] == records for v in values)  # gathered on every rank
     assert {tuple(sorted(r)) for r in records} == {tuple(sorted(("rank", "step") + STAT_FIELDS))}

@@ -12,18 +12,20 @@ Schedules:
           replica if it holds e, else to the replica of e in its own EP group (the lowest
           rank there if several), else to replica number ``g mod |replicas|`` of e.
     lp    ``moebal.schedule.solve_schedule`` on the placement and the per-(source, expert)
-          loads: the busiest rank computes as few tokens as possible (the LP optimum),
-          with tokens kept on their source where the optimum allows.
+          loads, warm-started from the same layer's previous plan: the busiest rank
+          computes as few tokens as possible (the LP optimum rounded up), and among such
+          plans as few tokens as possible leave their source.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
 from moebal.parallel.layout import ParallelLayout
+from moebal.schedule import Placement, Schedule, solve_schedule
 
 SCHEDULES = ("lp", "none")
 
@@ -86,7 +88,8 @@ class Planner:
     placement of one scheduling group (needed for ``lp``).
     """
 
-    def __init__(self, layout: ParallelLayout, schedule: str, placement: Any = None):
+    def __init__(self, layout: ParallelLayout, schedule: str,
+                 placement: Optional[Placement] = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if schedule == "lp" and placement is None:
@@ -95,9 +98,13 @@ class Planner:
         self.schedule = schedule
         self.placement = placement
         self.target_GE = static_targets(layout)
+        self._prev: dict[int, Schedule] = {}
 
-    def plan(self, loads_GE: np.ndarray, rank: int) -> RankPlan:
-        """The plan of rank ``rank`` (position in its scheduling group) for ``loads_GE``."""
+    def plan(self, loads_GE: np.ndarray, rank: int, layer: int = 0) -> RankPlan:
+        """The plan of rank ``rank`` (position in its scheduling group) for ``loads_GE``.
+
+        ``layer`` keys the warm start: ``lp`` starts from the same layer's previous plan.
+        """
         loads_GE = np.asarray(loads_GE, dtype=np.int64)
         G, E = self.target_GE.shape
         if loads_GE.shape != (G, E):
@@ -108,11 +115,16 @@ class Planner:
             send_EG[np.arange(E), self.target_GE[rank]] = loads_GE[rank]
             recv_GE = np.where(self.target_GE == rank, loads_GE, 0)
             return RankPlan(send_EG, recv_GE, unscheduled_G, unscheduled_G)
-        send_EG, recv_GE, computed_G = self._solve(loads_GE, rank)
-        return RankPlan(send_EG, recv_GE, computed_G, unscheduled_G)
-
-    def _solve(self, loads_GE: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raise NotImplementedError("schedule 'lp' needs moebal.schedule")  # wired on merge
+        schedule = solve_schedule(self.placement, loads_GE, prev=self._prev.get(layer))
+        self._prev[layer] = schedule
+        source, expert, gpu, tokens = schedule.sends.T
+        send_EG = np.zeros((E, G), dtype=np.int64)
+        mine = source == rank
+        send_EG[expert[mine], gpu[mine]] = tokens[mine]
+        recv_GE = np.zeros((G, E), dtype=np.int64)
+        here = gpu == rank
+        recv_GE[source[here], expert[here]] = tokens[here]
+        return RankPlan(send_EG, recv_GE, schedule.load_G, unscheduled_G)
 
 
 def check_plan(plan: RankPlan, loads_GE: np.ndarray, rank: int, holds_GE: np.ndarray,

@@ -441,7 +441,8 @@ class ExpertParallelExperts(nn.Module):
         loads_GE = all_gather_counts(counts_E, ep.sched_pg,
                                      what=f"expert counts of MoE layer {self.layer_index}")
         t_plan = time.perf_counter()
-        plan: RankPlan = ep.planner.plan(loads_GE.cpu().numpy(), ep.sched_rank)
+        plan: RankPlan = ep.planner.plan(loads_GE.cpu().numpy(), ep.sched_rank,
+                                         layer=self.layer_index)
         ep.stats.t_schedule += time.perf_counter() - t_plan
 
         # slots sorted by expert; the run of expert e splits over destinations in rank order
@@ -504,7 +505,6 @@ def _make_layout(config: ParallelConfig, num_experts: int, world_size: int) -> t
     experts_GS, placement = build_placement(
         config.placement, sched_size, config.ep_size, num_experts,
         seed=config.placement_seed, loads=config.placement_loads,
-        need_solver_placement=config.schedule == "lp",
     )
     layout = ParallelLayout.from_placement(world_size, config.ep_size, num_experts, experts_GS,
                                            sched_size)
