@@ -1,0 +1,130 @@
+"""Train the MoE language model under one balancer and record loss, perplexity and balance.
+
+Examples:
+  moebal train                                  # tiny preset, default corpus, no balancer
+  moebal train --preset small --balancer loss_free --seed 1
+  moebal train --data my_texts/ --vocab-size 4096 --set lr=3e-3 --set router.aux_loss_coeff=0.01
+  moebal train --out runs/x --resume            # continue an interrupted run
+The run folder gets config.json, metrics.jsonl, checkpoint.pt, result.json (and trace.npz
+with --trace); see docs/training.md and docs/traces.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Optional, Sequence
+
+from moebal.train.presets import PRESETS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="model + training preset (default: tiny)")
+    parser.add_argument("--balancer", default=None,
+                        help="routing balancer (default: the preset's, 'none')")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    parser.add_argument("--seed", type=int, default=None, help="seed of weights and data order")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default: runs/<preset>-<balancer>-seed<seed>)")
+    parser.add_argument("--data", default=None,
+                        help="a text file, a folder of .txt files or a .jsonl file "
+                             "(default: Shakespeare + Wikipedia summaries)")
+    parser.add_argument("--text-field", default="text", help="JSONL field with the text")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer.json (HF tokenizers) instead of training BPE")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="BPE vocabulary to train (default: the preset's)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="tokenized-corpus cache (default: $MOEBAL_CACHE or ~/.cache/moebal)")
+    parser.add_argument("--trace", action="store_true",
+                        help="save per-step, per-layer, per-shard expert counts to trace.npz")
+    parser.add_argument("--trace-shards", type=int, default=None,
+                        help="data-parallel shards of the batch in the trace (default 8)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a run already in --out")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a ModelConfig/TrainConfig field (router.<option> for "
+                             "router options); repeatable")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(ModelConfig, TrainConfig, DataConfig) from the parsed arguments."""
+    from moebal.data import DataConfig
+    from moebal.train.presets import apply_overrides, get_preset
+
+    model_cfg, train_cfg = get_preset(args.preset)
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.overrides)
+    model_changes = {}
+    if args.balancer is not None:
+        model_changes["balancer"] = args.balancer
+    train_changes = {
+        k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("device", args.device),
+                          ("trace_shards", args.trace_shards))
+        if v is not None
+    }
+    if args.trace:
+        train_changes["trace"] = True
+    model_cfg = dataclasses.replace(model_cfg, **model_changes)
+    train_cfg = dataclasses.replace(train_cfg, **train_changes)
+    data_cfg = DataConfig(
+        path=args.data,
+        text_field=args.text_field,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size if args.vocab_size is not None else model_cfg.vocab_size,
+        cache_dir=args.cache_dir,
+    )
+    data_cfg.validate()
+    return model_cfg, train_cfg, data_cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from moebal.train.trainer import train
+
+    try:
+        model_cfg, train_cfg, data_cfg = configs_from_args(args)
+    except TypeError as exc:  # a wrongly typed --set value: bad input like any other
+        raise ValueError(str(exc)) from None
+    out = args.out or f"runs/{args.preset}-{model_cfg.balancer}-seed{train_cfg.seed}"
+    result = train(model_cfg, train_cfg, out, data=data_cfg, preset=args.preset,
+                   resume=args.resume, force=args.force, progress=not args.quiet)
+
+    def fmt(x: float, spec: str = ".3f") -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    print(f"run folder       {out}")
+    print(f"steps            {result.steps} ({result.tokens:,} tokens, "
+          f"{result.params:,} params, {result.active_params:,} active)")
+    print(f"val perplexity   {fmt(result.val_ppl, '.2f')} (loss {fmt(result.val_loss)})")
+    print(f"MaxVio_global    {fmt(result.max_vio_global)}")
+    print(f"AvgMaxVio        {fmt(result.avg_max_vio)}   SupMaxVio {fmt(result.sup_max_vio)}")
+    print(f"time             {fmt(result.train_seconds, '.1f')} s training, "
+          f"{fmt(result.wall_seconds, '.1f')} s wall, {fmt(result.tokens_per_s, ',.0f')} tokens/s, "
+          f"router {fmt(100 * result.router_time_share, '.1f')}% of the step")
+    if result.diverged_step is not None:
+        print(f"moebal: the loss diverged at step {result.diverged_step}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m moebal.train`` (what torchrun launches)."""
+    parser = argparse.ArgumentParser(prog="python -m moebal.train", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as exc:
+        print(f"moebal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moebal: interrupted", file=sys.stderr)
+        return 130
