@@ -13,6 +13,7 @@ import torch.distributed as dist
 from moebal.model import MoEModel, ModelConfig
 from moebal.parallel import ExpertParallel, ParallelConfig, Planner, RankPlan, all_to_all
 from moebal.parallel.comm import all_gather_counts
+from moebal.routing import BALANCERS, Balancer, register_balancer
 
 # 4 ranks, EP size 2, 8 experts (4 per rank)
 STANDARD = [[0, 2, 4, 6], [1, 3, 5, 7], [0, 2, 4, 6], [1, 3, 5, 7]]
@@ -168,3 +169,64 @@ def bad_input_worker(rank, world, cases):
             seen.append((type(exc).__name__, str(exc)))
     dist.barrier()  # every rank is still in step: no one is left in a collective
     return seen
+
+
+# --- a stateful balancer that keeps its state in step with the data-parallel group --------
+
+class SyncedBias(Balancer):
+    """Loss-free-style expert bias for the tests: loads observed per batch, summed over
+    the router's data-parallel group at ``step``, bias moved by the sign of the
+    deviation (as the balancers of moebal.routing do with ``group``)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        E = config.num_experts
+        self.register_buffer("bias_E", torch.zeros(E))
+        self.register_buffer("pending_E", torch.zeros(E))
+
+    def selection_scores(self, scores_TE, ctx):
+        return scores_TE + self.bias_E
+
+    def observe(self, loads_E, ctx):
+        self.pending_E += loads_E.float()
+
+    def step(self, group=None):
+        loads_E = self.pending_E.clone()
+        if group is not None:
+            dist.all_reduce(loads_E, group=group)
+        self.bias_E += 0.05 * torch.sign(loads_E.mean() - loads_E)
+        self.pending_E.zero_()
+
+
+if "test_synced_bias" not in BALANCERS:
+    register_balancer("test_synced_bias")(SyncedBias)
+
+
+# --- training runs ----------------------------------------------------------------------
+
+def train_worker(rank, world, model_cfg, train_cfg, out_dir, parallel, data, interrupt_at):
+    """``train_parallel`` as torchrun would run it; with ``interrupt_at``, the run stops
+    after that step on every rank and is resumed from its checkpoints."""
+    from moebal.parallel.train import ParallelTrainer, train_parallel
+
+    class Interrupt(Exception):
+        pass
+
+    if interrupt_at is not None:
+        original = ParallelTrainer.extra_records
+
+        def stop(self, stats):
+            records = original(self, stats)
+            if stats.step == interrupt_at:
+                raise Interrupt
+            return records
+
+        ParallelTrainer.extra_records = stop
+        try:
+            train_parallel(model_cfg, train_cfg, out_dir, parallel, data, progress=False)
+        except Interrupt:
+            pass
+        ParallelTrainer.extra_records = original
+    result = train_parallel(model_cfg, train_cfg, out_dir, parallel, data, progress=False,
+                            resume=interrupt_at is not None)
+    return None if result is None else result.to_dict()

@@ -7,6 +7,7 @@ assertions run here.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -33,6 +34,7 @@ from parallel_workers import (
     failing_worker,
     model_config,
     reference,
+    train_worker,
 )
 
 # --- layout and plans: pure, no processes -------------------------------------------------
@@ -201,6 +203,19 @@ def test_replicas_stay_identical_and_training_matches_single_process(placement, 
                 assert torch.equal(v["local_params"][name], p), name
 
 
+def test_router_state_stays_identical_with_a_data_parallel_balancer():
+    """A balancer with state (an expert bias moved by the loads of the whole global batch,
+    all-reduced over the router's group) evolves as in the single-process model."""
+    config, values = _run_ep("symmetric", "lp", steps=3, balancer="test_synced_bias")
+    ref_losses, _, ref_state = reference(config, steps=3)
+    bias_keys = [k for k in ref_state if k.endswith("balancer.bias_E")]
+    assert bias_keys and any(ref_state[k].abs().sum() > 0 for k in bias_keys)
+    for v in values:
+        assert v["losses"] == pytest.approx(ref_losses, rel=1e-4)
+        for key in bias_keys:
+            assert torch.equal(v["full_state"][key], ref_state[key]), key
+
+
 def test_step_records_count_every_token_once():
     _, values = _run_ep(OVERLAP, steps=2, spread=True)
     _, scheduled = _run_ep("symmetric", "lp", steps=2)
@@ -260,3 +275,111 @@ def test_bad_input_is_refused_on_every_rank_before_any_collective():
         # each rank tried every case; a rank stuck in a collective would time out instead
         for (_, _, _, needle), (etype, message) in zip(BAD_INPUTS, r.value):
             assert etype == "ValueError" and needle in message, message
+
+
+# --- training runs: the moebal.train loop on several processes --------------------------
+
+WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and "
+         "arrows of outrageous fortune take arms against a sea troubles by opposing").split()
+
+
+@pytest.fixture(scope="module")
+def corpus_cfg(tmp_path_factory):
+    """A small corpus, tokenised once (the workers find it in the cache)."""
+    from moebal.data import DataConfig, load_corpus
+
+    root = tmp_path_factory.mktemp("parallel-corpus")
+    rng = np.random.default_rng(0)
+    for d in range(4):
+        lines = [" ".join(rng.choice(WORDS, 12)) for _ in range(300)]
+        (root / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(path=str(root), vocab_size=512, cache_dir=str(root / "cache"))
+    load_corpus(cfg, progress=False)
+    return cfg
+
+
+def _micro(**changes):
+    import dataclasses
+
+    from moebal.train import get_preset
+
+    model_cfg, train_cfg = get_preset("micro")  # 4 experts, batch 8
+    return model_cfg, dataclasses.replace(train_cfg, **changes)
+
+
+def _losses(run_dir):
+    from moebal.train import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+
+
+def test_training_on_4_processes_matches_the_single_process_run(corpus_cfg, tmp_path):
+    from moebal.parallel import ParallelConfig
+    from moebal.train import read_metrics, train
+
+    model_cfg, train_cfg = _micro(steps=4, eval_every=2, threads=1)
+    single = train(model_cfg, train_cfg, tmp_path / "single", data=corpus_cfg, progress=False)
+    parallel = ParallelConfig(ep_size=2, placement="symmetric", schedule="lp")
+    results = spawn(train_worker, 4, (model_cfg, train_cfg, tmp_path / "ep", parallel,
+                                      corpus_cfg, None), timeout_s=120)
+    result = results[0].value
+    assert all(r.value is None for r in results[1:])  # rank 0 reports
+    assert _losses(tmp_path / "ep") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
+    assert result["val_loss"] == pytest.approx(single.val_loss, rel=1e-5)
+    assert (result["params"], result["active_params"]) == (single.params, single.active_params)
+    records = [r for r in read_metrics(tmp_path / "ep" / "metrics.jsonl")
+               if r["type"] == "parallel"]
+    assert sorted((r["step"], r["rank"]) for r in records) == [
+        (s, r) for s in range(1, 5) for r in range(4)]
+    summary = json.loads((tmp_path / "ep" / "parallel.json").read_text())
+    assert summary["steps"] == 4 and summary["makespan_ratio"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "ep").glob("checkpoint.rank*.pt")) == [
+        f"checkpoint.rank{r}.pt" for r in range(4)]
+
+
+@pytest.mark.slow
+def test_an_interrupted_parallel_run_resumes_exactly(corpus_cfg, tmp_path):
+    from moebal.parallel import ParallelConfig
+
+    model_cfg, train_cfg = _micro(steps=5, eval_every=0, checkpoint_every=2, threads=1)
+    parallel = ParallelConfig(ep_size=2, placement="standard", schedule="lp")
+    for name, interrupt_at in (("full", None), ("cut", 3)):
+        spawn(train_worker, 4, (model_cfg, train_cfg, tmp_path / name, parallel, corpus_cfg,
+                                interrupt_at), timeout_s=120)
+    assert len(_losses(tmp_path / "full")) == 5
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")  # exactly
+
+
+def test_parallel_flags_without_processes_are_refused(capsys):
+    from moebal.cli import main
+
+    assert main(["train", "--ep-size", "2", "--schedule", "none"]) == 2
+    assert "--ep-size, --schedule take effect with --nproc N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_moebal_train_nproc_runs_under_torchrun(corpus_cfg, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from moebal.train import read_metrics
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    base = [sys.executable, "-m", "moebal", "train", "--nproc", "2", "--preset", "micro",
+            "--data", corpus_cfg.path, "--cache-dir", corpus_cfg.cache_dir, "--vocab-size",
+            "512", "--quiet", "--set", "eval_every=0"]
+    bad = subprocess.run(base + ["--steps", "2", "--ep-size", "3", "--out",
+                                 str(tmp_path / "bad")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0
+    assert bad.stderr.count("world size 2 is not a multiple of the EP size 3") == 2  # each rank
+    good = subprocess.run(base + ["--steps", "2", "--ep-size", "2", "--schedule", "lp",
+                                  "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert "scheduled / unscheduled makespan" in good.stdout
+    assert good.stdout.count("val perplexity") == 1  # rank 0 reports
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+               if r["type"] == "parallel"]
+    assert sorted((r["step"], r["rank"]) for r in records) == [(1, 0), (1, 1), (2, 0), (2, 1)]

@@ -1,6 +1,8 @@
 """Expert parallelism for :class:`moebal.model.MoEModel` on ``torch.distributed``.
 
-    ep = ExpertParallel.setup(ParallelConfig(ep_size=2, placement="symmetric"), model.config)
+    init_distributed()                     # torchrun's environment, a timeout on collectives
+    ep = ExpertParallel.setup(ParallelConfig(ep_size=2, placement="symmetric"),
+                              model.config.num_experts)
     model = ep.parallelize(model)          # same weights on every rank, local experts only
     out = model(tokens_BS, targets_BS)     # this rank's share of the global batch
     out.loss.backward()
@@ -54,6 +56,7 @@ STAT_FIELDS = (
     "t_dispatch",
     "t_compute",
     "t_combine",
+    "t_schedule",
     "makespan",
     "makespan_unscheduled",
 )
@@ -96,14 +99,16 @@ class ParallelConfig:
 
 
 class StepStats:
-    """Per-rank counters of one optimizer step, summed over MoE layers and micro-batches.
+    """Per-rank counters of one optimizer step, summed over MoE layers and micro-batches
+    (training-mode forwards only).
 
     tokens_computed  expert-token rows computed on this rank (from any source, itself too).
     tokens_sent      rows this rank sent to other ranks in dispatch (rows kept local
                      are not counted); tokens_received likewise.
     t_dispatch       seconds in counts all-gather, planning, permutation and the dispatch
                      all-to-all (forward); t_compute: local experts; t_combine: the return
-                     all-to-all, gate weighting and per-token sum (forward).
+                     all-to-all, gate weighting and per-token sum (forward); t_schedule:
+                     the planning part of t_dispatch (the scheduler, same on every rank).
     makespan         rows on the busiest rank of the scheduling group under the plan used;
     makespan_unscheduled  the same under the ``none`` rule; per layer, summed over layers.
     """
@@ -113,7 +118,6 @@ class StepStats:
 
     def reset(self) -> None:
         self.values = {name: 0.0 for name in STAT_FIELDS}
-        self.t_schedule = 0.0
 
     def add(self, **kwargs: float) -> None:
         for name, value in kwargs.items():
@@ -175,8 +179,6 @@ class ExpertParallel:
                 "first (torchrun sets the environment it reads)"
             )
         world_size, rank = dist.get_world_size(), dist.get_rank()
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int):
-            num_experts = getattr(num_experts, "num_experts", num_experts)
         layout, placement = _make_layout(config, num_experts, world_size)
         if device is None:
             device = (torch.device("cuda", torch.cuda.current_device())
@@ -443,7 +445,7 @@ class ExpertParallelExperts(nn.Module):
         t_plan = time.perf_counter()
         plan: RankPlan = ep.planner.plan(loads_GE.cpu().numpy(), ep.sched_rank,
                                          layer=self.layer_index)
-        ep.stats.t_schedule += time.perf_counter() - t_plan
+        t_plan = time.perf_counter() - t_plan
 
         # slots sorted by expert; the run of expert e splits over destinations in rank order
         send_EG = torch.from_numpy(plan.send_EG).to(device)
@@ -482,6 +484,8 @@ class ExpertParallelExperts(nn.Module):
         out_TD = out_TD.index_add(0, token_N, y_back_ND * weight_N).to(x_TD.dtype)
         t3 = self._sync()
 
+        if not self.training:  # evaluation forwards are not part of a training step
+            return out_TD
         self_rows = int(plan.send_EG[:, ep.sched_rank].sum())
         ep.stats.add(
             tokens_computed=M,
@@ -490,6 +494,7 @@ class ExpertParallelExperts(nn.Module):
             t_dispatch=t1 - t0,
             t_compute=t2 - t1,
             t_combine=t3 - t2,
+            t_schedule=t_plan,
             makespan=plan.makespan,
             makespan_unscheduled=plan.makespan_unscheduled,
         )
