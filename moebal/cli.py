@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
+    ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),
 }
 
 

@@ -81,6 +81,7 @@ class Placement:
     holds_EG: np.ndarray = field(init=False, repr=False, compare=False)
     replicas_E: np.ndarray = field(init=False, repr=False, compare=False)
     _index: _SlotIndex = field(init=False, repr=False, compare=False)
+    _cache: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         G, slots = self.num_gpus, self.slots_per_gpu
@@ -146,6 +147,7 @@ class Placement:
         object.__setattr__(self, "holds_EG", holds_EG)
         object.__setattr__(self, "replicas_E", replicas_E)
         object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_cache", {})  # derived solver structures, built on demand
 
     @property
     def num_experts(self) -> int:
@@ -290,8 +292,10 @@ def standard(
 
 def _block_score(holds_EG: np.ndarray) -> tuple[int, int]:
     """Integer expansion proxy: (fewest distinct neighbours of a GPU, -largest pair count)."""
-    h = holds_EG.astype(np.float32)
-    co_GG = (h.T @ h).astype(np.int64)  # exact: small integer counts
+    E, G = holds_EG.shape
+    gpus_ER = np.nonzero(holds_EG)[1].reshape(E, -1)  # every expert has r replicas here
+    pairs = (gpus_ER[:, :, None] * G + gpus_ER[:, None, :]).ravel()
+    co_GG = np.bincount(pairs, minlength=G * G).reshape(G, G)
     np.fill_diagonal(co_GG, 0)
     neighbours = int((co_GG > 0).sum(1).min())
     return neighbours, -int(co_GG.max(initial=0))
@@ -472,8 +476,8 @@ def asymmetric(
     """Replica counts from the load history, GPU sets chosen for a low worst subset density.
 
     ``loads_E``: [E] or [steps, E]. Counts: greedy (next replica to the largest load per
-    replica). Candidates: balanced packing with seeded random tie-breaks and, after the first,
-    a seeded random perturbation of the order of equal-count experts; the candidate with the
+    replica). Candidates: EPLB's balanced packing first, then packings with seeded random
+    tie-breaks and replica weights perturbed by up to 10%; the candidate with the
     lowest mean optimal makespan over the history steps (= the worst subset density, rounded up;
     at most ``max_steps`` evenly spaced steps are used) wins, ties to the earlier candidate.
     """
@@ -489,9 +493,10 @@ def asymmetric(
     rng = np.random.default_rng(seed)
     best: Optional[tuple[int, Placement]] = None
     for c in range(max(1, int(candidates))):
-        priority_G = rng.permutation(G)
-        w = weight_E
-        if c > 0:  # perturb the weights by up to +10% so that other packings come out
+        if c == 0:  # EPLB's own packing, so the result is never worse than eplb here
+            w, priority_G = weight_E, np.arange(G)
+        else:  # seeded tie-breaks and weights perturbed by up to +10%
+            priority_G = rng.permutation(G)
             w = weight_E * 10240 + weight_E * rng.integers(0, 1024, size=E)
         holds = _pack(w, counts_E, G, s, priority_G)
         cand = Placement.from_holds(holds, s, name="asymmetric")

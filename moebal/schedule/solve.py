@@ -54,7 +54,8 @@ class Schedule:
     tokens_moved    with per-source loads: tokens computed on a GPU other than their source;
                     None for per-expert loads.
     sends           with per-source loads: int64 [N, 4] rows (source, expert, gpu, tokens),
-                    tokens > 0, sorted; rows with source == gpu are tokens kept local.
+                    tokens > 0, sorted by (expert, source, gpu); rows with source == gpu
+                    are tokens kept local.
                     None for per-expert loads.
     method          "flow" or "highs".
     """
@@ -106,11 +107,11 @@ def _as_loads(placement: Placement, loads: object) -> tuple[np.ndarray, Optional
     if np.issubdtype(arr.dtype, np.floating):
         ok = np.isfinite(arr) & (arr == np.floor(arr))
         if not ok.all():
-            bad = np.argwhere(~ok)[0]
-            raise ValueError(f"loads must be integers; loads{list(bad)} = {arr[tuple(bad)]!r}")
+            bad = np.argwhere(~ok)[0].tolist()
+            raise ValueError(f"loads must be integers; loads{bad} = {arr[tuple(bad)].item()!r}")
     if (arr < 0).any():
-        bad = np.argwhere(arr < 0)[0]
-        raise ValueError(f"loads must be non-negative; loads{list(bad)} = {arr[tuple(bad)]!r}")
+        bad = np.argwhere(arr < 0)[0].tolist()
+        raise ValueError(f"loads must be non-negative; loads{bad} = {arr[tuple(bad)].item()!r}")
     if float(arr.sum(dtype=np.float64)) >= _MAX_TOTAL:
         raise ValueError(f"total load {arr.sum()} is too large (limit 2^50 tokens)")
     arr = arr.astype(np.int64)
@@ -132,21 +133,6 @@ def _even_plan(idx: _SlotIndex, loads_E: np.ndarray) -> np.ndarray:
     load_N = loads_E[idx.expert_N]
     q_N = load_N // idx.rep_N
     return q_N + (idx.rot_N < load_N - q_N * idx.rep_N)
-
-
-def _warm_plan(idx: _SlotIndex, loads_E: np.ndarray, prev_x_EG: np.ndarray) -> np.ndarray:
-    """x_N: each expert's tokens split in the proportions of the previous plan."""
-    prev_N = prev_x_EG[idx.expert_N, idx.gpu_N].astype(np.int64)
-    even_N = _even_plan(idx, loads_E)
-    if (prev_N < 0).any() or float(prev_N.max(initial=0)) * float(loads_E.max(initial=0)) >= 2**62:
-        return even_N  # not a usable plan: start cold
-    prev_E = np.add.reduceat(prev_N, idx.start_E)
-    has_E = prev_E > 0
-    share_N = loads_E[idx.expert_N] * prev_N // np.maximum(prev_E, 1)[idx.expert_N]
-    rem_N = (loads_E - np.add.reduceat(share_N, idx.start_E))[idx.expert_N]
-    q_N = rem_N // idx.rep_N
-    share_N = share_N + q_N + (idx.rot_N < rem_N - q_N * idx.rep_N)
-    return np.where(has_E[idx.expert_N], share_N, even_N)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -228,22 +214,22 @@ def _excl_cumsum(v: np.ndarray, group: np.ndarray) -> np.ndarray:
 
 
 def _push_sweep(
-    idx: _SlotIndex, x_N: np.ndarray, T: int, dist_G: np.ndarray, G: int, passes: int = 2
+    idx: _SlotIndex, x_N: np.ndarray, cap: object, dist_G: np.ndarray, G: int, passes: int = 2
 ) -> np.ndarray:
-    """Move excess down the distance labels, level by level, from the farthest to GPUs < T.
+    """Move excess down the distance labels, level by level, to GPUs below capacity.
 
-    At level d, every GPU above T offers its excess over its slots (expert order) whose expert
-    has a holder at level d-1; each such expert sends to its holder at level d-1 with the
-    most room (for d = 1 the room below T; deeper, the tokens it could pass on), and no
-    holder receives more than its room. Always keeps a valid plan (conservation, holders only).
+    ``cap``: the GPU capacity, an int or int64 [G]. At level d, every GPU above capacity
+    offers its excess over its slots (expert order) whose expert has a holder at level d-1;
+    each such expert sends to its holder at level d-1 with the most room (for d = 1 the room
+    below capacity; deeper, the tokens it could pass on), and no holder receives more than its
+    room. Always keeps a valid plan (conservation, holders only).
     """
     se, sg = idx.expert_N, idx.gpu_N
     N = len(se)
     x_N = x_N.copy()
     sd_N = dist_G[sg]
     dist_E = np.minimum.reduceat(sd_N, idx.start_E)
-    load_G = _gpu_loads(idx, x_N, G)
-    excess_G = load_G - T
+    excess_G = _gpu_loads(idx, x_N, G) - cap
     top = int(dist_G[excess_G > 0].max(initial=0))
     for d in range(top, 0, -1):
         at_d_N = sd_N == d
@@ -305,6 +291,35 @@ def _residual_max_flow(
     return x_N + net_N
 
 
+def _route(
+    idx: _SlotIndex, x_N: np.ndarray, cap: object, E: int, G: int, push_rounds: int = 1
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Move tokens until no GPU exceeds ``cap`` (int or int64 [G]), or prove it impossible.
+
+    Returns (plan, None) on success, else (plan, stuck_G): the GPUs that cannot reach a GPU
+    below capacity in the residual graph; they hold a GPU above capacity and every expert with
+    tokens on them has all its replicas among them, so they carry more than their capacity.
+    Pushes are tried first only with slack (capacity >= 1.25 x load); near a perfect fit the
+    exact residual max flow is cheaper than the several push sweeps it would take.
+    """
+    total = int(x_N.sum())
+    use_scipy = total <= _flow.INT32_MAX
+    slack = 4 * int(np.sum(np.broadcast_to(cap, (G,)))) >= 5 * total
+    rounds = 0
+    while True:
+        excess_G = _gpu_loads(idx, x_N, G) - cap
+        if excess_G.max(initial=0) <= 0:
+            return x_N, None
+        dist_G = _distance_to_under(idx, x_N, excess_G, G)
+        if ((excess_G > 0) & (dist_G == _INF)).any():
+            return x_N, dist_G == _INF
+        if not use_scipy or (rounds < push_rounds and slack):
+            x_N = _push_sweep(idx, x_N, cap, dist_G, G)
+        else:
+            x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
+        rounds += 1
+
+
 def _min_makespan(
     idx: _SlotIndex,
     loads_E: np.ndarray,
@@ -313,43 +328,102 @@ def _min_makespan(
     cert_G: np.ndarray,
     E: int,
     G: int,
-    push_rounds: int = 1,
 ) -> tuple[np.ndarray, int, np.ndarray]:
     """From a valid plan and a certified lower bound T, the optimal plan and makespan.
 
-    Invariant: ``T == ceil(density(cert_G))``, so T is a lower bound. Returns (x_N, T, cert_G)
-    with max load == T.
+    Invariant: ``T == ceil(density(cert_G))``, so T is a lower bound. Each time the plan
+    cannot be routed under T, the stuck GPU set has density > T and T becomes its rounded-up
+    density (or a better prefix bound). Returns (x_N, T, cert_G) with max load == T.
     """
-    total = int(loads_E.sum())
-    use_scipy = total <= _flow.INT32_MAX
-    # pushes only pay when there is slack (G T >= 1.25 total); near perfect balance the exact
-    # max flow is cheaper than the several push sweeps it would take
-    rounds = 0
     while True:
-        load_G = _gpu_loads(idx, x_N, G)
-        excess_G = load_G - T
-        if excess_G.max(initial=0) <= 0:
+        x_N, stuck_G = _route(idx, x_N, T, E, G)
+        if stuck_G is None:
             return x_N, T, cert_G
-        dist_G = _distance_to_under(idx, x_N, excess_G, G)
-        if ((excess_G > 0) & (dist_G == _INF)).any():
-            stuck_G = dist_G == _INF  # closed under residual moves and overloaded
-            T_new = _ceil_div(_covered_load(idx, loads_E, stuck_G), int(stuck_G.sum()))
-            cert_new = stuck_G
-            T_pre, pre_G = _prefix_bound(idx, loads_E, load_G, G)
-            if T_pre > T_new:
-                T_new, cert_new = T_pre, pre_G
-            if T_new <= T:  # impossible by the max-flow min-cut theorem
-                raise RuntimeError(f"no progress at makespan {T}")
-            T, cert_G = T_new, cert_new
-            continue
-        if not use_scipy or (rounds < push_rounds and 4 * G * T >= 5 * total):
-            x_N = _push_sweep(idx, x_N, T, dist_G, G)
-        else:
-            x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
-        rounds += 1
+        T_new = _ceil_div(_covered_load(idx, loads_E, stuck_G), int(stuck_G.sum()))
+        cert_new = stuck_G
+        T_pre, pre_G = _prefix_bound(idx, loads_E, _gpu_loads(idx, x_N, G), G)
+        if T_pre > T_new:
+            T_new, cert_new = T_pre, pre_G
+        if T_new <= T:  # impossible by the max-flow min-cut theorem
+            raise RuntimeError(f"no progress at makespan {T}")
+        T, cert_G = T_new, cert_new
 
 
 # --------------------------------------------------------------------------- locality
+
+
+def _local_first_plan(
+    placement: Placement, loads_SE: np.ndarray, T: int, cert_G: np.ndarray
+) -> Optional[np.ndarray]:
+    """x_N of makespan <= T keeping every token computable at its source there, or None.
+
+    Every GPU keeps the tokens it routed to experts it holds; the other tokens (whose source
+    holds no replica of their expert, so they move in any plan) are routed under the room
+    that is left. When that succeeds the plan moves only tokens that must move: optimal.
+    Quick refusal: the critical set ``cert_G`` must have room, beyond the experts living
+    inside it, for the local tokens its GPUs keep of experts reaching outside it.
+    """
+    idx = placement._index
+    E, G = placement.num_experts, placement.num_gpus
+    local_N = loads_SE[idx.gpu_N, idx.expert_N]
+    room_G = T - _gpu_loads(idx, local_N, G)
+    if (room_G < 0).any():
+        return None
+    inside_E = np.logical_and.reduceat(cert_G[idx.gpu_N], idx.start_E)
+    slack = T * int(cert_G.sum()) - int(loads_SE.sum(0)[inside_E].sum())
+    if int(local_N[cert_G[idx.gpu_N] & ~inside_E[idx.expert_N]].sum()) > slack:
+        return None
+    rest_E = loads_SE.sum(0) - np.add.reduceat(local_N, idx.start_E)
+    x_N, stuck_G = _route(idx, _even_plan(idx, rest_E), room_G, E, G)
+    return None if stuck_G is not None else local_N + x_N
+
+
+@dataclass(frozen=True)
+class _ResidualLayout:
+    """Every possible residual entry of source -> experts -> GPUs -> sink, in CSR order.
+
+    Nodes: experts 0..E-1, GPUs E..E+G-1, source E+G, sink E+G+1. ``rows``/``cols`` [M] are
+    sorted row-major; ``pos_*`` give where each arc's forward (f) and backward (b) entry sits:
+    source->expert (se, [E]), expert->GPU (slot, [N]), GPU->sink (gt, [G]).
+    """
+
+    n: int
+    rows: np.ndarray
+    cols: np.ndarray
+    pos_fse: np.ndarray
+    pos_bse: np.ndarray
+    pos_fslot: np.ndarray
+    pos_bslot: np.ndarray
+    pos_fgt: np.ndarray
+    pos_bgt: np.ndarray
+
+
+def _residual_layout(placement: Placement) -> _ResidualLayout:
+    layout = placement._cache.get("residual")
+    if layout is None:
+        idx = placement._index
+        E, G = placement.num_experts, placement.num_gpus
+        N = len(idx.expert_N)
+        src, snk, n = E + G, E + G + 1, E + G + 2
+        ar_E, ar_G = np.arange(E), np.arange(G)
+        parts = [  # (rows, cols) of: f se, b se, f slot, b slot, f gt, b gt
+            (np.full(E, src), ar_E),
+            (ar_E, np.full(E, src)),
+            (idx.expert_N, E + idx.gpu_N),
+            (E + idx.gpu_N, idx.expert_N),
+            (E + ar_G, np.full(G, snk)),
+            (np.full(G, snk), E + ar_G),
+        ]
+        rows = np.concatenate([r for r, _ in parts])
+        cols = np.concatenate([c for _, c in parts])
+        order = np.argsort(rows * n + cols, kind="stable")
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))
+        cuts = np.cumsum([0, E, E, N, N, G, G])
+        pos = [where[cuts[i] : cuts[i + 1]] for i in range(6)]
+        layout = _ResidualLayout(n, rows[order], cols[order], *pos)
+        placement._cache["residual"] = layout
+    return layout
 
 
 def _min_moved_plan(
@@ -357,40 +431,87 @@ def _min_moved_plan(
 ) -> np.ndarray:
     """x_N of makespan <= T that keeps the most tokens on their source GPU (exact).
 
-    Min-cost flow: source -> expert e (load_e); e -> GPU g in G_e "local" (cap loads_SE[g, e],
-    cost 0); e -> hub_e (cost 1) -> any holder of e (cost 0); GPU -> sink (cap T).
-    Starting flow: local tokens only, each GPU keeping at most T of them.
+    Min-cost flow on source -> expert e (load_e) -> GPU g in G_e -> sink (cap T), where the
+    arc e -> g costs 0 for its first ``loads_SE[g, e]`` tokens (kept local) and 1 beyond (a
+    convex cost, handled as two segments of one arc). Primal-dual: starting from every GPU
+    keeping its local tokens (at most T, expert order), each phase computes reduced-cost
+    distances (Dijkstra), raises the potentials and pushes a maximum flow through the
+    zero-reduced-cost residual entries, so the flow stays of minimum cost for its value; the
+    phases end when every token flows.
     """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import dijkstra, maximum_flow
+
     idx = placement._index
     E, G = placement.num_experts, placement.num_gpus
     se, sg = idx.expert_N, idx.gpu_N
-    N = len(se)
+    lay = _residual_layout(placement)
+    n, rows, cols = lay.n, lay.rows, lay.cols
+    src, snk = E + G, E + G + 1
     loads_E = loads_SE.sum(0)
+    total = int(loads_E.sum())
     local_N = loads_SE[sg, se]
-    # node ids: experts 0..E-1, hubs E..2E-1, GPUs 2E..2E+G-1, source, sink
-    src, snk = 2 * E + G, 2 * E + G + 1
-    n = 2 * E + G + 2
-    loc = np.flatnonzero(local_N > 0)
-    ar = np.arange(E)
-    tail = np.concatenate([np.full(E, src), se[loc], ar, E + se, 2 * E + np.arange(G)])
-    head = np.concatenate([ar, 2 * E + sg[loc], E + ar, 2 * E + sg, np.full(G, snk)])
-    cap = np.concatenate([loads_E, local_N[loc], loads_E, loads_E[se], np.full(G, T)])
-    cost = np.concatenate(
-        [np.zeros(E + len(loc), np.int64), np.ones(E, np.int64), np.zeros(N + G, np.int64)]
+    # start: every GPU keeps its local tokens in expert order, at most T of them
+    order = idx.by_gpu_N
+    f_N = np.zeros(len(se), dtype=np.int64)
+    f_N[order] = np.minimum(
+        np.maximum(T - _excl_cumsum(local_N[order], sg[order]), 0), local_N[order]
     )
-    # starting flow: on every GPU keep its local tokens in expert order, at most T in all
-    order = idx.by_gpu_N[(local_N > 0)[idx.by_gpu_N]]
-    keep = np.minimum(np.maximum(T - _excl_cumsum(local_N[order], sg[order]), 0), local_N[order])
-    keep_N = np.zeros(N, dtype=np.int64)
-    keep_N[order] = keep
-    kept_E = np.bincount(se, weights=keep_N, minlength=E).astype(np.int64)
-    kept_G = np.bincount(sg, weights=keep_N, minlength=G).astype(np.int64)
-    flow0 = np.concatenate([kept_E, keep_N[loc], np.zeros(E + N, np.int64), kept_G])
-    flow = _flow.min_cost_flow(n, tail, head, cap, cost, src, snk, flow0, int(loads_E.sum()))
-    x_N = np.zeros(N, dtype=np.int64)
-    x_N[loc] += flow[E : E + len(loc)]
-    x_N += flow[2 * E + len(loc) : 2 * E + len(loc) + N]
-    return x_N
+    f_E = np.add.reduceat(f_N, idx.start_E)
+    f_G = _gpu_loads(idx, f_N, G)
+    value = int(f_E.sum())
+    pot = np.zeros(n, dtype=np.int64)
+    M = len(rows)
+    cap = np.empty(M, dtype=np.int64)
+    cost = np.zeros(M, dtype=np.int64)
+    big_N = loads_E[se]
+    scale = n + 1
+    key_fse = src * n + np.arange(E)
+    key_fslot = se * n + E + sg
+    key_fgt = (E + np.arange(G)) * n + snk
+    while value < total:
+        cap[lay.pos_fse] = loads_E - f_E
+        cap[lay.pos_bse] = f_E
+        under = f_N < local_N
+        cap[lay.pos_fslot] = np.where(under, local_N - f_N, big_N)
+        cost[lay.pos_fslot] = ~under
+        over = f_N > local_N
+        cap[lay.pos_bslot] = np.where(over, f_N - local_N, f_N)
+        cost[lay.pos_bslot] = -over.astype(np.int64)
+        cap[lay.pos_fgt] = T - f_G
+        cap[lay.pos_bgt] = f_G
+        rc = cost + pot[rows] - pot[cols]
+        avail = cap > 0
+        indptr = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rows[avail], minlength=n), out=indptr[1:])
+        weights = csr_array(
+            ((rc[avail] * scale + 1).astype(np.float64), cols[avail].astype(np.int32), indptr),
+            shape=(n, n),
+        )
+        dist = dijkstra(weights, indices=src)
+        if not np.isfinite(dist[snk]):
+            raise RuntimeError(f"min-cost flow stuck at {value} of {total} tokens")
+        reach = np.isfinite(dist)
+        d = np.where(reach, dist, 0).astype(np.int64) // scale
+        d = np.where(reach, np.minimum(d, d[snk]), d[snk])
+        pot += d
+        adm = avail & (rc + d[rows] - d[cols] == 0)
+        indptr = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(np.bincount(rows[adm], minlength=n), out=indptr[1:])
+        graph = csr_array(
+            (np.minimum(cap[adm], _flow.INT32_MAX).astype(np.int32), cols[adm].astype(np.int32), indptr),
+            shape=(n, n),
+        )
+        res = maximum_flow(graph, src, snk, method="dinic")
+        if res.flow_value <= 0:
+            raise RuntimeError(f"min-cost flow made no progress at {value} of {total} tokens")
+        flow = res.flow
+        key_F = np.repeat(np.arange(n, dtype=np.int64), np.diff(flow.indptr)) * n + flow.indices
+        for key, arr in ((key_fse, f_E), (key_fslot, f_N), (key_fgt, f_G)):
+            at = np.minimum(np.searchsorted(key_F, key), len(key_F) - 1)
+            arr += np.where(key_F[at] == key, flow.data[at], 0)
+        value += int(res.flow_value)
+    return f_N
 
 
 def _split_sends(
@@ -400,30 +521,45 @@ def _split_sends(
 
     Each GPU first keeps its own tokens of an expert it computes (min(x[e, g], loads_SE[g, e])),
     which is the most any split of this plan can keep; the rest of every expert is matched
-    source-by-source (ascending) to GPU-by-GPU (ascending). Returns (sends [N, 4], moved).
+    source-by-source (ascending) to GPU-by-GPU (ascending). Returns (sends [N, 4] with rows
+    (source, expert, gpu, tokens) sorted by (expert, source, gpu), tokens moved).
     """
     idx = placement._index
     E, G = placement.num_experts, placement.num_gpus
     se, sg = idx.expert_N, idx.gpu_N
     keep_N = np.minimum(x_N, loads_SE[sg, se])
     need_N = x_N - keep_N  # tokens GPU g still receives for e
-    supply_ES = loads_SE.T.copy()
-    supply_ES[se, sg] -= keep_N  # tokens source s still sends for e
-    s_e, s_s = np.nonzero(supply_ES)  # row-major: sorted by (expert, source)
-    s_amt = supply_ES[s_e, s_s]
-    d_ids = np.flatnonzero(need_N)  # slots are sorted by (expert, gpu)
-    d_amt = need_N[d_ids]
-    s_cum, d_cum = np.cumsum(s_amt), np.cumsum(d_amt)
-    cuts = np.union1d(s_cum, d_cum)  # per-expert totals agree, so boundaries align
-    widths = np.diff(np.concatenate([[0], cuts]))
-    si = np.searchsorted(s_cum, cuts, side="left")
-    di = np.searchsorted(d_cum, cuts, side="left")
-    moved = np.stack([s_s[si], s_e[si], sg[d_ids[di]], widths], axis=1)
+    supply = loads_SE.T.flatten()  # [E * G] row-major by (expert, source): always a copy
+    supply[idx.key_N] -= keep_N  # tokens source s still sends for e
+    # north-west corner over all experts at once: the cumulative supply (by expert, source)
+    # and demand (by expert, gpu) agree at every expert boundary, so the merged breakpoints
+    # cut them into (source, gpu) pieces; zero entries repeat a breakpoint and drop out
+    keys = np.concatenate([np.cumsum(supply) * 2, np.cumsum(need_N) * 2 + 1])
+    keys.sort(kind="stable")  # two sorted runs: a linear merge
+    is_s = (keys & 1) == 0
+    ends = keys >> 1
+    first = np.empty(len(keys), dtype=bool)
+    first[:1] = True
+    np.not_equal(ends[1:], ends[:-1], out=first[1:])
+    s_before = np.cumsum(is_s) - is_s  # supply pieces ending strictly before
+    s_at = s_before[first]  # = expert * G + source
+    d_at = (np.arange(len(keys)) - s_before)[first]  # slot id
+    cuts = ends[first]
+    src = s_at % G
+    exp = s_at // G
+    dst = sg[d_at]
+    amt = np.diff(cuts, prepend=0)
+    if len(amt) and amt[0] == 0:  # the breakpoint 0 of leading zero entries
+        src, exp, dst, amt = src[1:], exp[1:], dst[1:], amt[1:]
+    # merge in the tokens kept local; both lists are sorted by (expert, source, gpu)
     kept = np.flatnonzero(keep_N)
-    local = np.stack([sg[kept], se[kept], sg[kept], keep_N[kept]], axis=1)
-    sends = np.concatenate([moved, local]).astype(np.int64)
-    sends = sends[sends[:, 3] > 0]
-    sends = sends[np.lexsort((sends[:, 2], sends[:, 1], sends[:, 0]))]
+    k_exp, k_gpu = se[kept], sg[kept]
+    at = np.searchsorted((exp * G + src) * G + dst, (k_exp * G + k_gpu) * G + k_gpu)
+    sends = np.empty((len(amt) + len(kept), 4), dtype=np.int64)
+    sends[:, 0] = np.insert(src, at, k_gpu)
+    sends[:, 1] = np.insert(exp, at, k_exp)
+    sends[:, 2] = np.insert(dst, at, k_gpu)
+    sends[:, 3] = np.insert(amt, at, keep_N[kept])
     return sends, int(need_N.sum())
 
 
@@ -449,7 +585,9 @@ def solve_schedule(
     loads   int [E] tokens per expert, or int [G, E] tokens per (source GPU, expert).
     method  "flow" (exact combinatorial solver) or "highs" (LP reference).
     prev    the previous micro-batch's schedule on the same placement (flow only): its
-            proportions seed the plan and its critical GPU set seeds the lower bound.
+            critical GPU set seeds the lower bound. (Its proportions are deliberately not
+            reused as a starting plan: an even split, which spreads every expert over all its
+            replicas, leaves more residual paths and routed faster in measurements.)
 
     Returns a :class:`Schedule` whose makespan is ``ceil(LP optimum)``. With [G, E] loads the
     plan also minimises the tokens computed away from their source GPU among all plans of
@@ -474,16 +612,15 @@ def solve_schedule(
             raise ValueError(
                 f"prev schedule is for {prev.x_EG.shape} experts x GPUs, not ({E}, {G})"
             )
-        x_N = _warm_plan(idx, loads_E, prev.x_EG)
         if prev.critical_gpus:
             mask = np.zeros(G, dtype=bool)
             mask[list(prev.critical_gpus)] = True
             T_prev = _ceil_div(_covered_load(idx, loads_E, mask), int(mask.sum()))
             if T_prev > T:
                 T, cert_G = T_prev, mask
-    else:
-        x_N = _even_plan(idx, loads_E)
-    T_pre, pre_G = _prefix_bound(idx, loads_E, _gpu_loads(idx, x_N, G), G)
+    x_N = _even_plan(idx, loads_E)
+    load_G = _gpu_loads(idx, x_N, G)
+    T_pre, pre_G = _prefix_bound(idx, loads_E, load_G, G)
     if T_pre > T:
         T, cert_G = T_pre, pre_G
     x_N, T, cert_G = _min_makespan(idx, loads_E, x_N, T, cert_G, E, G)
@@ -491,7 +628,15 @@ def solve_schedule(
     sends: Optional[np.ndarray] = None
     if loads_SE is not None:
         if T > 0:
-            x_N = _min_moved_plan(placement, loads_SE, T)
+            local = _local_first_plan(placement, loads_SE, T, cert_G)
+            if local is not None:
+                x_N = local
+            elif int(loads_E.sum()) <= _flow.INT32_MAX:
+                x_N = _min_moved_plan(placement, loads_SE, T)
+            else:  # beyond the int32 max-flow: the reference LP does the min-cost step
+                from moebal.schedule.highs import highs_plan_lp
+
+                x_N = highs_plan_lp(placement, loads_E, T, loads_SE)
         sends, tokens_moved = _split_sends(placement, x_N, loads_SE)
     return Schedule(
         x_EG=_to_dense(placement, x_N),
@@ -526,25 +671,13 @@ def lp_optimum(placement: Placement, loads_E: np.ndarray) -> Fraction:
         scaled_E = loads_E * q
         if int(scaled_E.sum()) >= _MAX_TOTAL:
             raise ValueError("lp_optimum: loads too large for exact rational search")
-        x_N = _even_plan(idx, scaled_E)
-        rounds = 0
-        while True:
-            excess_G = _gpu_loads(idx, x_N, G) - p
-            if excess_G.max(initial=0) <= 0:
-                return value
-            dist_G = _distance_to_under(idx, x_N, excess_G, G)
-            if ((excess_G > 0) & (dist_G == _INF)).any():
-                stuck_G = dist_G == _INF
-                new = Fraction(_covered_load(idx, loads_E, stuck_G), int(stuck_G.sum()))
-                if new <= value:
-                    raise RuntimeError(f"no progress at {value}")
-                value = new
-                break
-            if rounds < 1 or int(scaled_E.sum()) > _flow.INT32_MAX:
-                x_N = _push_sweep(idx, x_N, p, dist_G, G)
-            else:
-                x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
-            rounds += 1
+        x_N, stuck_G = _route(idx, _even_plan(idx, scaled_E), p, E, G)
+        if stuck_G is None:
+            return value
+        new = Fraction(_covered_load(idx, loads_E, stuck_G), int(stuck_G.sum()))
+        if new <= value:  # impossible by the max-flow min-cut theorem
+            raise RuntimeError(f"no progress at {value}")
+        value = new
 
 
 def even_split_makespan(placement: Placement, loads_E: np.ndarray) -> int:

@@ -1,0 +1,1 @@
+"""Benchmark programs: CLI commands that print a table (and JSON with --json)."""
