@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
     ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),
+    ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
 }
 
 

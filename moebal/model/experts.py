@@ -164,12 +164,13 @@ class _SortedSwiGLU(torch.autograd.Function):
             else:  # dropped slots get no gradient
                 grad_weights_TK = grad_weight_N.new_zeros(T * K).index_copy_(
                     0, slot_N, grad_weight_N).view(T, K)
-        g_ND = g_ND * weight_N.unsqueeze(1)
+        g_ND.mul_(weight_N.unsqueeze(1))
 
         grad_w2 = _gmm(a_NF.t(), g_ND, offsets_E)  # [E, F, D]
         grad_a_NF = _gmm(g_ND, w2_EFD.transpose(1, 2), offsets_E)
         grad_h3_NF = grad_a_NF * s1_NF
-        grad_h1_NF = torch.ops.aten.silu_backward(grad_a_NF * h3_NF, h1_NF)
+        grad_h1_NF = grad_a_NF.mul_(h3_NF)  # in place: fewer fresh buffers, fewer page faults
+        torch.ops.aten.silu_backward.grad_input(grad_h1_NF, h1_NF, grad_input=grad_h1_NF)
         grad_w1 = _gmm(x_ND.t(), grad_h1_NF, offsets_E)  # [E, D, F]
         grad_w3 = _gmm(x_ND.t(), grad_h3_NF, offsets_E)
         grad_x_ND = _gmm(grad_h1_NF, w1_EDF.transpose(1, 2), offsets_E)
