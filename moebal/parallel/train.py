@@ -160,29 +160,25 @@ def checkpoint_path(out_dir: Union[str, os.PathLike], rank: int) -> Path:
     return Path(out_dir) / f"checkpoint.rank{rank}.pt"
 
 
-def _main_first(fn: Callable[[], T], rank: int) -> T:
-    """Run ``fn`` on rank 0, then on the others; an error on rank 0 is raised on every rank
-    (as ValueError with rank 0's message when it was bad input)."""
-    if rank == 0:
-        try:
-            value = fn()
-            status = [None]
-        except (ValueError, TypeError) as exc:
-            status = [f"{type(exc).__name__}: {exc}"]
-            _broadcast_status(status)
-            raise
-        _broadcast_status(status)
-        return value
-    status = [None]
-    _broadcast_status(status)
-    if status[0] is not None:
-        raise ValueError(f"rank 0 failed: {status[0]}")
-    return fn()
-
-
-def _broadcast_status(status: list) -> None:
-    with comm.collective("broadcast of rank 0's status"):
-        dist.broadcast_object_list(status, src=0)
+def _in_turns(fn: Callable[[], T], first: bool) -> T:
+    """Run ``fn`` on the ranks with ``first`` set, then on the others. Bad input
+    (ValueError/TypeError) on any rank is raised on every rank, naming the rank."""
+    value: Any = None
+    for turn in (True, False):
+        error = None
+        if first == turn:
+            try:
+                value = fn()
+            except (ValueError, TypeError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        errors: list = [None] * dist.get_world_size()
+        with comm.collective("all_gather of start-up errors"):
+            dist.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, message = failed[0]
+            raise ValueError(f"rank {rank}: {message}")
+    return value
 
 
 def _world_from_env() -> tuple[int, int]:
@@ -241,14 +237,24 @@ def train_parallel(
             )
         return existing
 
-    existing = _main_first(check_run_dir, rank)
-    corpus = _main_first(lambda: resolve_corpus(data, progress=progress and rank == 0), rank)
+    existing = _in_turns(check_run_dir, first=rank == 0)
+    # one process per machine tokenises (or finds the cache) before the others read it
+    local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    corpus = _in_turns(lambda: resolve_corpus(data, progress=progress and rank == 0),
+                       first=local_first)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size)
     ep = ExpertParallel.setup(parallel, model_cfg.num_experts, device=device if
                               device.type == "cpu" else None)
     trainer = ParallelTrainer(model_cfg, train_cfg, corpus, run_dir, ep=ep, preset=preset)
     ckpt = checkpoint_path(run_dir, rank) if run_dir is not None else None
-    resumed = bool(resume and ckpt is not None and ckpt.is_file())
+    found: list = [None] * dist.get_world_size()
+    with comm.collective("all_gather of checkpoint presence"):
+        dist.all_gather_object(found, bool(resume and ckpt is not None and ckpt.is_file()))
+    if any(found) and not all(found):
+        missing = [r for r, f in enumerate(found) if not f]
+        raise ValueError(f"cannot resume {str(run_dir)!r}: no checkpoint for ranks {missing} "
+                         f"(each rank reads checkpoint.rank<r>.pt from its own --out)")
+    resumed = all(found)
     if resumed:
         trainer.load_checkpoint(ckpt)
         finished = trainer.step >= train_cfg.steps and (run_dir / "result.json").is_file()
