@@ -370,6 +370,7 @@ class ExpertParallelExperts(nn.Module):
             for name, param in self.local.named_parameters():
                 param.copy_(getattr(experts, name).index_select(0, index))
         self.register_buffer("expert_ids", index.clone(), persistent=False)
+        self._ids = np.asarray(ids, dtype=np.int64)
         slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
         slot_of[index.cpu()] = torch.arange(len(ids))
         self.register_buffer("slot_of_expert", slot_of.to(index.device), persistent=False)
@@ -472,7 +473,7 @@ class ExpertParallelExperts(nn.Module):
                                           output_size=M)
         local_slot_M = self.slot_of_expert[label_M % E]
         perm_M = torch.argsort(local_slot_M * G + label_M // E, stable=True)
-        counts_L = torch.from_numpy(plan.recv_GE[:, self.expert_ids.cpu().numpy()].sum(0)).to(device)
+        counts_L = torch.from_numpy(plan.recv_GE[:, self._ids].sum(0)).to(device)
         y_sorted_MD = self.local.run_sorted(x_recv_MD[perm_M], counts_L)
         y_recv_MD = y_sorted_MD[torch.argsort(perm_M)]
         t2 = self._sync()
