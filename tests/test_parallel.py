@@ -115,8 +115,8 @@ def test_spread_planner_is_a_valid_plan():
 
 # --- collectives ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _worker_server():
+@pytest.fixture(scope="module")
+def workers():
     """Start the worker process server once (it imports torch), and make this process
     import what the first model step imports, outside any test's time."""
     spawn(_noop, 1, timeout_s=120)
@@ -127,6 +127,7 @@ def _noop(rank, world):
     return rank
 
 
+@pytest.mark.usefixtures("workers")
 def test_all_to_all_moves_rows_and_sends_gradients_back():
     results = spawn(all_to_all_worker, 4, timeout_s=60)
     splits = results[0].value[0]
@@ -158,6 +159,7 @@ def _run_ep(placement, schedule="none", steps=1, spread=False, clip=None, **mode
     return config, [r.value for r in results]
 
 
+@pytest.mark.usefixtures("workers")
 @pytest.mark.parametrize(
     "placement, schedule, spread",
     [("standard", "lp", False), ("symmetric", "lp", False), ("standard", "none", False),
@@ -174,6 +176,7 @@ def test_ep_model_has_the_single_process_loss_and_gradients(placement, schedule,
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.usefixtures("workers")
 @pytest.mark.parametrize("placement, spread", [("symmetric", False), (OVERLAP, True)],
                          ids=["symmetric-lp", "overlap-spread"])
 def test_replicas_stay_identical_and_training_matches_single_process(placement, spread):
@@ -203,6 +206,7 @@ def test_replicas_stay_identical_and_training_matches_single_process(placement, 
                 assert torch.equal(v["local_params"][name], p), name
 
 
+@pytest.mark.usefixtures("workers")
 def test_router_state_stays_identical_with_a_data_parallel_balancer():
     """A balancer with state (an expert bias moved by the loads of the whole global batch,
     all-reduced over the router's group) evolves as in the single-process model."""
@@ -216,6 +220,7 @@ def test_router_state_stays_identical_with_a_data_parallel_balancer():
             assert torch.equal(v["full_state"][key], ref_state[key]), key
 
 
+@pytest.mark.usefixtures("workers")
 def test_step_records_count_every_token_once():
     _, values = _run_ep(OVERLAP, steps=2, spread=True)
     _, scheduled = _run_ep("symmetric", "lp", steps=2)
@@ -245,6 +250,7 @@ def test_step_records_count_every_token_once():
 
 # --- failures and bad input ---------------------------------------------------------------
 
+@pytest.mark.usefixtures("workers")
 @pytest.mark.parametrize("mode", ["raise", pytest.param("hang", marks=pytest.mark.slow)])
 def test_a_failing_rank_raises_a_clear_error_on_every_rank(mode):
     start = time.monotonic()
@@ -268,6 +274,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.usefixtures("workers")
 def test_bad_input_is_refused_on_every_rank_before_any_collective():
     cases = [case[:3] for case in BAD_INPUTS]
     results = spawn(bad_input_worker, 4, (cases,), timeout_s=60, collective_timeout_s=5)
@@ -313,6 +320,7 @@ def _losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
 
 
+@pytest.mark.usefixtures("workers")
 def test_training_on_4_processes_matches_the_single_process_run(corpus_cfg, tmp_path):
     from moebal.parallel import ParallelConfig
     from moebal.train import read_metrics, train
@@ -337,6 +345,7 @@ def test_training_on_4_processes_matches_the_single_process_run(corpus_cfg, tmp_
         f"checkpoint.rank{r}.pt" for r in range(4)]
 
 
+@pytest.mark.usefixtures("workers")
 @pytest.mark.slow
 def test_an_interrupted_parallel_run_resumes_exactly(corpus_cfg, tmp_path):
     from moebal.parallel import ParallelConfig

@@ -39,7 +39,7 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                         "none: each token to the replica in its own EP group")
     g.add_argument("--sched-size", type=int, default=None, metavar="G",
                    help="ranks per scheduling group (default: all ranks)")
-    g.add_argument("--placement-seed", type=int, default=None,
+    g.add_argument("--placement-seed", type=int, default=None, metavar="S",
                    help="seed of the shuffled placements (default 0)")
     g.add_argument("--placement-loads", default=None, metavar="FILE",
                    help="load history for --placement asymmetric/eplb: .npy or .json "

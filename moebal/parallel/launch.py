@@ -82,7 +82,8 @@ def _context():
         # process on a small CPU
         ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.optim",
                                     "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-                                    "numpy", "moebal.parallel", "moebal.model"])
+                                    "numpy", "moebal.parallel", "moebal.model",
+                                    "moebal.parallel.train"])
         return ctx
     return mp.get_context("spawn")
 

@@ -20,6 +20,7 @@ every MoE layer. The routed experts are spread as follows:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -146,13 +147,21 @@ class ParallelLayout:
         n = self.sched_size
         return [tuple(range(j * n, (j + 1) * n)) for j in range(self.num_sched_groups)]
 
+    @functools.cached_property
+    def _replica_sets_E(self) -> tuple[tuple[int, ...], ...]:
+        holders: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for r, row in enumerate(self.experts_RS):
+            for e in row:
+                holders[e].append(r)
+        return tuple(tuple(h) for h in holders)
+
     def replica_set(self, expert: int) -> tuple[int, ...]:
         """Every rank of the world holding ``expert``, ascending."""
-        return tuple(r for r, row in enumerate(self.experts_RS) if expert in row)
+        return self._replica_sets_E[expert]
 
     def replica_sets(self) -> list[tuple[int, ...]]:
         """The distinct replica sets, sorted: one gradient process group each."""
-        return sorted({self.replica_set(e) for e in range(self.num_experts)})
+        return sorted(set(self._replica_sets_E))
 
     def local_experts(self, rank: int) -> tuple[int, ...]:
         return self.experts_RS[rank]

@@ -34,9 +34,8 @@ Design (docs/distributed.md has the long form):
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np

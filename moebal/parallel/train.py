@@ -245,6 +245,10 @@ def train_parallel(
     model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size)
     ep = ExpertParallel.setup(parallel, model_cfg.num_experts, device=device if
                               device.type == "cpu" else None)
+    if rank == 0:
+        print(f"expert parallelism: {ep.layout.describe()}; placement {parallel.placement if "
+              f"isinstance(parallel.placement, str) else 'explicit'}, schedule "
+              f"{parallel.schedule}, backend {dist.get_backend()}", flush=True)
     trainer = ParallelTrainer(model_cfg, train_cfg, corpus, run_dir, ep=ep, preset=preset)
     ckpt = checkpoint_path(run_dir, rank) if run_dir is not None else None
     found: list = [None] * dist.get_world_size()
