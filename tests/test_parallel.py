@@ -207,17 +207,33 @@ def test_replicas_stay_identical_and_training_matches_single_process(placement, 
 
 
 @pytest.mark.usefixtures("workers")
-def test_router_state_stays_identical_with_a_data_parallel_balancer():
-    """A balancer with state (an expert bias moved by the loads of the whole global batch,
-    all-reduced over the router's group) evolves as in the single-process model."""
-    config, values = _run_ep("symmetric", "lp", steps=3, balancer="test_synced_bias")
-    ref_losses, _, ref_state = reference(config, steps=3)
-    bias_keys = [k for k in ref_state if k.endswith("balancer.bias_E")]
-    assert bias_keys and any(ref_state[k].abs().sum() > 0 for k in bias_keys)
-    for v in values:
-        assert v["losses"] == pytest.approx(ref_losses, rel=1e-4)
-        for key in bias_keys:
-            assert torch.equal(v["full_state"][key], ref_state[key]), key
+@pytest.mark.parametrize(
+    "balancer, same_as_single",
+    [("test_synced_bias", True), ("loss_free", True), ("global_aux_loss", True),
+     ("quantile", False)],
+)
+def test_router_state_stays_identical_on_every_rank(balancer, same_as_single):
+    """Balancers with state (or a loss) over the whole global batch see loads all-reduced
+    over the data-parallel group: their state is the same on every rank and, where the
+    method is defined on the global batch, the same as in the single-process model."""
+    from moebal.routing import BALANCERS
+
+    if balancer not in BALANCERS:
+        pytest.skip(f"balancer {balancer!r} is not in this checkout")
+    config, values = _run_ep("symmetric", "lp", steps=3, balancer=balancer)
+    router_keys = [k for k in values[0]["full_state"] if ".router." in k]
+    for v in values[1:]:
+        for key in router_keys:
+            assert torch.equal(v["full_state"][key], values[0]["full_state"][key]), key
+    if same_as_single:
+        ref_losses, _, ref_state = reference(config, steps=3)
+        for v in values:
+            assert v["losses"] == pytest.approx(ref_losses, rel=1e-4)
+            for key in router_keys:
+                torch.testing.assert_close(v["full_state"][key], ref_state[key], msg=key)
+    if balancer == "test_synced_bias":
+        assert any(values[0]["full_state"][k].abs().sum() > 0 for k in router_keys
+                   if k.endswith("bias_E"))
 
 
 @pytest.mark.usefixtures("workers")

@@ -246,8 +246,8 @@ def train_parallel(
     ep = ExpertParallel.setup(parallel, model_cfg.num_experts, device=device if
                               device.type == "cpu" else None)
     if rank == 0:
-        print(f"expert parallelism: {ep.layout.describe()}; placement {parallel.placement if "
-              f"isinstance(parallel.placement, str) else 'explicit'}, schedule "
+        placement = parallel.placement if isinstance(parallel.placement, str) else "explicit"
+        print(f"expert parallelism: {ep.layout.describe()}; placement {placement}, schedule "
               f"{parallel.schedule}, backend {dist.get_backend()}", flush=True)
     trainer = ParallelTrainer(model_cfg, train_cfg, corpus, run_dir, ep=ep, preset=preset)
     ckpt = checkpoint_path(run_dir, rank) if run_dir is not None else None
