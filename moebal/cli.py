@@ -19,9 +19,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("compare",): ("moebal.report.compare", "train the model under each balancer and compare them"),
     ("report",): ("moebal.report.command", "regenerate a comparison's report from its run folder"),
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
-    ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
     ("bench", "schedule"): ("moebal.bench.schedule", "time the token scheduler against HiGHS"),
     ("simulate",): ("moebal.sim.cli", "replay routing traces on a modelled GPU cluster and compare balancing systems"),
+    ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
 }
 
 

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a ModelConfig/TrainConfig field (router.<option> for "
                              "router options); repeatable")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from moebal.parallel.cli import add_parallel_arguments
+
+    add_parallel_arguments(parser)
 
 
 def configs_from_args(args: argparse.Namespace):
@@ -87,15 +90,24 @@ def configs_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from moebal.parallel import cli as parallel_cli
     from moebal.train.trainer import train
 
+    launched = parallel_cli.launch_if_asked(args)  # --nproc N: re-run under torchrun
+    if launched is not None:
+        return launched
     try:
         model_cfg, train_cfg, data_cfg = configs_from_args(args)
     except TypeError as exc:  # a wrongly typed --set value: bad input like any other
         raise ValueError(str(exc)) from None
     out = args.out or f"runs/{args.preset}-{model_cfg.balancer}-seed{train_cfg.seed}"
-    result = train(model_cfg, train_cfg, out, data=data_cfg, preset=args.preset,
-                   resume=args.resume, force=args.force, progress=not args.quiet)
+    if parallel_cli.under_torchrun():
+        result = parallel_cli.train_from_args(args, model_cfg, train_cfg, data_cfg, out)
+        if result is None:  # not rank 0: rank 0 reports
+            return 0
+    else:
+        result = train(model_cfg, train_cfg, out, data=data_cfg, preset=args.preset,
+                       resume=args.resume, force=args.force, progress=not args.quiet)
 
     def fmt(x: float, spec: str = ".3f") -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)

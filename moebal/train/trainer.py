@@ -244,7 +244,8 @@ class Trainer:
     recorder. Nothing is written until ``fit()``; ``out_dir=None`` writes nothing at all.
 
     Subclasses (a data-parallel runner) override ``micro_batch`` (which rows this process
-    computes), ``reduce_gradients`` and ``reduce_loads``, and ``is_main``.
+    computes), ``reduce_gradients``, ``reduce_loads``, ``reduce_losses``,
+    ``clip_gradients``, ``extra_records`` and ``is_main``.
     """
 
     def __init__(
@@ -336,6 +337,19 @@ class Trainer:
         """Per-layer loads of this process -> of the global batch (all-reduce when distributed)."""
         return loads_LE
 
+    def reduce_losses(self, totals: torch.Tensor) -> torch.Tensor:
+        """This process's summed (loss, lm_loss, aux_loss) -> the global batch's (the mean
+        over processes when distributed), so every process takes the same decisions."""
+        return totals
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip to ``max_norm`` (inf: measure only); returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def extra_records(self, stats: "StepStats") -> list[dict[str, Any]]:
+        """More metrics.jsonl records of this step (called on every process, every step)."""
+        return []
+
     # ---------------------------------------------------------------- pieces
     def autocast(self):
         if self.amp_dtype is None:
@@ -388,16 +402,14 @@ class Trainer:
                 self.tracer.add_micro_batch(
                     [layer.last_routing for layer in self.moe_layers], m * cfg.batch_size
                 )
-        loss, lm_loss, aux_loss = (totals / cfg.grad_accum).tolist()
+        loss, lm_loss, aux_loss = (self.reduce_losses(totals) / cfg.grad_accum).tolist()
         lr = self.lr
         step = self.step + 1
         finite = math.isfinite(loss)
         grad_norm = float("nan")
         if finite:
             self.reduce_gradients()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.clip if cfg.clip > 0 else float("inf")
-            ))
+            grad_norm = self.clip_gradients(cfg.clip if cfg.clip > 0 else float("inf"))
             finite = math.isfinite(grad_norm)  # never step into non-finite weights
         if finite:
             self.optimizer.step()
@@ -658,6 +670,8 @@ class Trainer:
                     step = self.step
                     if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
                         write(stats.record(self.tokens_seen, self.train_seconds))
+                    for record in self.extra_records(stats):
+                        write(record)
                     bar.update(1)
                     postfix = {"loss": f"{stats.loss:.3f}", "maxvio": f"{stats.max_vio_batch:.2f}",
                                "tok/s": f"{stats.tokens_per_s:,.0f}"}

@@ -1,0 +1,183 @@
+"""Starting processes: ``spawn`` runs a function on N local ranks (tests, notebooks), and
+``torchrun_command`` builds the command line ``moebal train --nproc N`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue as queue_mod
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from moebal.parallel.comm import DEFAULT_TIMEOUT_S
+
+
+@dataclass
+class WorkerResult:
+    """What one rank of :func:`spawn` ended with: its return value, or its error."""
+
+    rank: int
+    ok: bool
+    value: Any = None
+    error_type: str = ""
+    error: str = ""  # message, then the traceback
+
+
+class WorkerError(RuntimeError):
+    """Raised by :func:`spawn` when a rank failed; ``results`` holds every rank's outcome."""
+
+    def __init__(self, results: list[WorkerResult]):
+        self.results = results
+        lines = [
+            f"rank {r.rank}: {r.error_type}: {r.error.splitlines()[0] if r.error else ''}"
+            for r in results
+            if not r.ok
+        ]
+        super().__init__("distributed run failed on some ranks:\n" + "\n".join(lines))
+
+
+def _worker(rank, world_size, init_file, backend, timeout_s, threads, fn, args, results):
+    import torch
+    import torch.distributed as dist
+
+    from moebal.parallel.comm import init_distributed
+
+    torch.set_num_threads(threads)
+    try:
+        init_distributed(backend, timeout_s, init_method=f"file://{init_file}", rank=rank,
+                         world_size=world_size)
+        # plain pickle: tensors travel as bytes, not as shared memory the exiting worker owns
+        value = pickle.dumps(fn(rank, world_size, *args))
+        results.put((rank, True, value, "", ""))
+    except BaseException as exc:  # report everything, including KeyboardInterrupt
+        text = f"{exc}\n{traceback.format_exc()}"
+        results.put((rank, False, None, type(exc).__name__, text))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a dead peer can make tear-down fail; the result is in
+                pass
+
+
+def _loads(value: Optional[bytes]) -> Any:
+    return None if value is None else pickle.loads(value)
+
+
+def _context():
+    """forkserver where there is one: its server imports torch once, and every worker is a
+    cheap fork of it (no OpenMP state inherited, as no tensor op ran there); else spawn."""
+    import torch.multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # what the workers would each import otherwise: grouped_mm's first call pulls in
+        # symbolic_shapes (and sympy), the first optimizer torch._dynamo; seconds per
+        # process on a small CPU
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.optim",
+                                    "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+                                    "numpy", "moebal.parallel", "moebal.model",
+                                    "moebal.parallel.train"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout_s: float = 60.0,
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int = 1,
+    raise_on_error: bool = True,
+) -> list[WorkerResult]:
+    """Run ``fn(rank, world_size, *args)`` on ``nprocs`` fresh processes with a process group.
+
+    The processes rendezvous through a file (no port to pick) and each returns
+    ``fn``'s (picklable) value. ``collective_timeout_s`` bounds every collective;
+    ``timeout_s`` bounds the whole run, after which ranks still running are killed and
+    reported as failed. Raises :class:`WorkerError` when any rank failed unless
+    ``raise_on_error`` is False; returns the results in rank order.
+    """
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be a positive int, got {nprocs!r}")
+    ctx = _context()
+    results_q = ctx.Queue()
+    tmp = tempfile.mkdtemp(prefix="moebal-dist-")
+    init_file = os.path.join(tmp, "rendezvous")
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(r, nprocs, init_file, backend, collective_timeout_s, threads, fn,
+                  tuple(args), results_q),
+            daemon=True,
+        )
+        for r in range(nprocs)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        got: dict[int, WorkerResult] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < nprocs and time.monotonic() < deadline:
+            try:
+                rank, ok, value, etype, text = results_q.get(timeout=0.2)
+                got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if r not in got and p.exitcode is not None]
+                for r in dead:  # exited without a result (killed, segfault): say so
+                    time.sleep(0.2)  # its result may still be in flight
+                    try:
+                        while True:
+                            rank, ok, value, etype, text = results_q.get_nowait()
+                            got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
+                    except queue_mod.Empty:
+                        pass
+                    if r not in got:
+                        got[r] = WorkerResult(
+                            r, False, error_type="ProcessDied",
+                            error=f"process exited with code {procs[r].exitcode} without a result",
+                        )
+        for r in range(nprocs):
+            if r not in got:
+                got[r] = WorkerResult(
+                    r, False, error_type="Timeout",
+                    error=f"rank {r} did not finish within {timeout_s:g} s",
+                )
+    finally:
+        for p in procs:
+            if p.pid is None:  # never started
+                continue
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = [got[r] for r in range(nprocs)]
+    if raise_on_error and not all(r.ok for r in results):
+        raise WorkerError(results)
+    return results
+
+
+def torchrun_command(nproc: int, module: str, argv: Sequence[str],
+                     python: Optional[str] = None) -> list[str]:
+    """The command that runs ``python -m module argv`` on ``nproc`` local ranks via torchrun.
+
+    ``--standalone`` picks a free local rendezvous port; see docs/distributed.md for the
+    multi-node form.
+    """
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"--nproc must be a positive int, got {nproc!r}")
+    return [
+        python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", module, *argv,
+    ]
