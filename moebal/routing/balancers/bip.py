@@ -58,6 +58,10 @@ class BIPBalancer(Balancer):
     - ``bip_order="causal"``: route the batch with the q left by earlier batches, then
       update q from it. A token's route depends only on earlier batches.
 
+    The first update (q never updated yet: at initialisation) runs
+    ``config.bip_warmup_iters`` iterations instead, so that the start from q = 0 does not
+    leave the first batches unbalanced; later batches start from the previous batch's q.
+
     In ``eval()`` q is not updated: every batch is routed with the stored q, in either
     order. Gate weights are the unbiased scores (the router's rule). The update runs in
     the forward pass, per batch; ``step()`` has nothing to do.
@@ -69,6 +73,17 @@ class BIPBalancer(Balancer):
         super().__init__(config)
         self.register_buffer("q_E", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self._updated: Optional[bool] = None  # cached num_updates > 0 (no sync per batch)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updated = None
+
+    def _iters(self) -> int:
+        """``bip_iters``, or ``bip_warmup_iters`` while q has never been updated."""
+        if self._updated is None:
+            self._updated = bool(self.num_updates > 0)
+        return self.config.bip_iters if self._updated else self.config.bip_warmup_iters
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         cfg = self.config
@@ -76,16 +91,18 @@ class BIPBalancer(Balancer):
         q_E = self.q_E.to(s_TE.dtype)
         if not self.training or top_k >= s_TE.shape[1]:
             return topk_indices(s_TE - q_E, top_k)
+        iters = self._iters()
         if cfg.bip_order == "paper":
-            q_E = bip_dual_iterations(s_TE, q_E, top_k, cfg.bip_iters, cfg.bip_pin_q)
+            q_E = bip_dual_iterations(s_TE, q_E, top_k, iters, cfg.bip_pin_q)
             indices_TK = topk_indices(s_TE - q_E, top_k)
         else:
             # one top-(k+1) gives both the route and the first p update
             values, indices = torch.topk(s_TE - q_E, top_k + 1, dim=1, sorted=True)
             indices_TK = indices[:, :top_k]
             p_T = values[:, top_k].clamp_min(0.0)
-            q_E = bip_dual_iterations(s_TE, q_E, top_k, cfg.bip_iters, cfg.bip_pin_q, p_T=p_T)
+            q_E = bip_dual_iterations(s_TE, q_E, top_k, iters, cfg.bip_pin_q, p_T=p_T)
         with torch.no_grad():
             self.q_E.copy_(q_E)
             self.num_updates.add_(1)
+        self._updated = True
         return indices_TK
