@@ -167,6 +167,8 @@ def test_bad_inputs_raise():
     model = MoEModel(small_config())
     with pytest.raises(ValueError, match="seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(1, 8))
     with pytest.raises(ValueError, match="targets shape"):
