@@ -455,3 +455,30 @@ def test_seq_len_reaches_the_router():
     assert all(a.seq_len == 10 for a in handle.adapters)
     assert handle.aux_loss().item() > 0
     out.loss.backward()
+
+
+def _all_balancers():
+    from moebal.routing import BALANCERS
+
+    return sorted(BALANCERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balancer", _all_balancers())
+def test_every_balancer_trains_steps_and_round_trips_its_state(balancer):
+    model = tiny().train()
+    handle = patch_model(model, balancer=balancer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(2):
+        x = tokens(seed=step)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        loads = handle.step()
+        assert torch.all(loads.sum(1) == x.numel() * 2)
+    state = handle.state_dict()
+    clone = tiny()
+    clone_handle = patch_model(clone, balancer=balancer)
+    clone_handle.load_state_dict(model.state_dict())  # a full model state dict works too
+    for key, value in state.items():
+        assert torch.equal(clone_handle.state_dict()[key], value), key

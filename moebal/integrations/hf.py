@@ -13,9 +13,13 @@ makes it route through a :class:`moebal.routing.Router`:
 
 With ``balancer="none"`` the patched model computes what the unpatched one does.
 
-The router of each layer is registered as a submodule ``<gate>.moebal`` so the balancer's
-state (expert bias, dual prices) is in ``model.state_dict()``, moves with ``model.to()`` and
-is written by ``save_pretrained``. ``from_pretrained`` builds an unpatched model and skips
+The routers are registered on the model as ``model.moebal`` (a ModuleList, one per MoE layer
+in model order), so the balancers' state (expert bias, dual prices) is in
+``model.state_dict()`` under ``moebal.<i>.router.balancer.*`` (keys that ``save_pretrained``'s
+renaming of the model's own modules leaves alone), moves with ``model.to()`` and is written
+by ``save_pretrained``. Each router is first run once on a random probe, unpatched and
+through moebal with no balancer; a router whose output moebal would not reproduce (another
+transformers version) is refused. ``from_pretrained`` builds an unpatched model and skips
 those keys; :func:`from_pretrained` here loads, re-patches with the options saved in
 ``config.json`` and loads the balancer state (or do it by hand:
 ``patch_model(model)`` then ``handle.load_pretrained_state(path)``).
