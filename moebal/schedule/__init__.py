@@ -18,9 +18,11 @@ from moebal.schedule.placement import (
 )
 from moebal.schedule.solve import (
     METHODS,
+    SCHEDULERS,
     Schedule,
     even_split_makespan,
     lp_optimum,
+    register_scheduler,
     solve_schedule,
 )
 
@@ -28,6 +30,7 @@ __all__ = [
     "METHODS",
     "PLACEMENTS",
     "Placement",
+    "SCHEDULERS",
     "Schedule",
     "asymmetric",
     "build_placement",
@@ -36,6 +39,7 @@ __all__ = [
     "even_split_makespan",
     "lp_optimum",
     "register_placement",
+    "register_scheduler",
     "solve_schedule",
     "standard",
     "subset_density",

@@ -11,12 +11,15 @@ every call, as it is for the flow solver.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import highspy
 import numpy as np
 
 from moebal.schedule.placement import Placement
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moebal.schedule.solve import Schedule
 
 
 def _highs() -> highspy.Highs:
@@ -141,7 +144,7 @@ def highs_plan_lp(
 
 def highs_schedule(
     placement: Placement, loads_E: np.ndarray, loads_SE: Optional[np.ndarray]
-):
+) -> "Schedule":
     """The full reference schedule (see the module docstring); validated inputs."""
     from moebal.schedule.solve import (
         Schedule,

@@ -30,19 +30,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import dijkstra, maximum_flow
 
-from moebal.schedule import _flow
 from moebal.schedule.placement import Placement, _SlotIndex
 
-METHODS = ("flow", "highs")
 _INF = np.int64(1 << 40)
+_INT32_MAX = 2**31 - 1  # scipy's max flow works on int32 capacities
 _MAX_TOTAL = 2**50  # token totals stay far from int64 and float64-exact limits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """An integer token schedule for one micro-batch.
 
@@ -279,16 +280,35 @@ def _residual_max_flow(
     e -> any holder (unbounded); GPU h below target -> sink (its room). Returns the new plan.
     """
     se, sg = idx.expert_N, idx.gpu_N
+    N = len(se)
     over = np.flatnonzero(excess_G > 0)
-    under = np.flatnonzero(excess_G < 0)
-    pos = x_N > 0
-    src, snk = E + G, E + G + 1
+    under_G = excess_G < 0
+    # CSR rows, built in order: experts (arcs to every holder), GPUs (arcs to the experts
+    # they hold tokens of, then to the sink when below target), source (arcs to GPUs above)
+    ids = idx.by_gpu_N[x_N[idx.by_gpu_N] > 0]  # slots with tokens, by (GPU, expert)
+    gs = sg[ids]
+    per_G = np.bincount(gs, minlength=G)
+    row_G = per_G + under_G
+    start_G = np.cumsum(row_G) - row_G
+    rank = np.arange(len(ids)) - (np.cumsum(per_G) - per_G)[gs]
+    gpu_idx = np.empty(int(row_G.sum()), dtype=np.int32)
+    gpu_cap = np.empty(len(gpu_idx), dtype=np.int64)
+    gpu_idx[start_G[gs] + rank] = se[ids]
+    gpu_cap[start_G[gs] + rank] = x_N[ids]
+    sink_at = (start_G + per_G)[under_G]
+    gpu_idx[sink_at] = E + G + 1
+    gpu_cap[sink_at] = -excess_G[under_G]
+    end = N + len(gpu_idx) + len(over)
+    indptr = np.concatenate(
+        [idx.start_E, N + np.cumsum(np.concatenate([[0], row_G])), [end, end]]
+    ).astype(np.int32)
     big = int(excess_G[over].sum())
-    tail = np.concatenate([np.full(len(over), src), E + sg[pos], se, E + under])
-    head = np.concatenate([E + over, se[pos], E + sg, np.full(len(under), snk)])
-    cap = np.concatenate([excess_G[over], x_N[pos], np.full(len(se), big), -excess_G[under]])
-    _, net_N = _flow.max_flow(E + G + 2, tail, head, cap, src, snk, se, E + sg, rows_first=E)
-    return x_N + net_N
+    indices = np.concatenate([E + sg, gpu_idx, E + over]).astype(np.int32)
+    data = np.concatenate([np.full(N, big), gpu_cap, excess_G[over]]).astype(np.int32)
+    graph = csr_array((data, indices, indptr), shape=(E + G + 2, E + G + 2))
+    flow = maximum_flow(graph, E + G, E + G + 1, method="dinic").flow
+    # expert rows hold exactly the expert -> holder entries, in slot order: the net flows
+    return x_N + flow.data[:N]
 
 
 def _route(
@@ -303,20 +323,22 @@ def _route(
     exact residual max flow is cheaper than the several push sweeps it would take.
     """
     total = int(x_N.sum())
-    use_scipy = total <= _flow.INT32_MAX
+    use_scipy = total <= _INT32_MAX
     slack = 4 * int(np.sum(np.broadcast_to(cap, (G,)))) >= 5 * total
-    rounds = 0
+    rounds, flowed = 0, False
     while True:
         excess_G = _gpu_loads(idx, x_N, G) - cap
         if excess_G.max(initial=0) <= 0:
             return x_N, None
+        if use_scipy and not flowed and not (rounds < push_rounds and slack):
+            # straight to the exact max flow; what it cannot route is then certified stuck
+            x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
+            flowed = True
+            continue
         dist_G = _distance_to_under(idx, x_N, excess_G, G)
         if ((excess_G > 0) & (dist_G == _INF)).any():
             return x_N, dist_G == _INF
-        if not use_scipy or (rounds < push_rounds and slack):
-            x_N = _push_sweep(idx, x_N, cap, dist_G, G)
-        else:
-            x_N = _residual_max_flow(idx, x_N, excess_G, E, G)
+        x_N = _push_sweep(idx, x_N, cap, dist_G, G)
         rounds += 1
 
 
@@ -439,9 +461,6 @@ def _min_moved_plan(
     zero-reduced-cost residual entries, so the flow stays of minimum cost for its value; the
     phases end when every token flows.
     """
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import dijkstra, maximum_flow
-
     idx = placement._index
     E, G = placement.num_experts, placement.num_gpus
     se, sg = idx.expert_N, idx.gpu_N
@@ -498,10 +517,8 @@ def _min_moved_plan(
         adm = avail & (rc + d[rows] - d[cols] == 0)
         indptr = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(np.bincount(rows[adm], minlength=n), out=indptr[1:])
-        graph = csr_array(
-            (np.minimum(cap[adm], _flow.INT32_MAX).astype(np.int32), cols[adm].astype(np.int32), indptr),
-            shape=(n, n),
-        )
+        adm_cap = np.minimum(cap[adm], _INT32_MAX).astype(np.int32)
+        graph = csr_array((adm_cap, cols[adm].astype(np.int32), indptr), shape=(n, n))
         res = maximum_flow(graph, src, snk, method="dinic")
         if res.flow_value <= 0:
             raise RuntimeError(f"min-cost flow made no progress at {value} of {total} tokens")
@@ -573,6 +590,23 @@ def _to_dense(placement: Placement, x_N: np.ndarray) -> np.ndarray:
     return x_EG
 
 
+Scheduler = Callable[[Placement, np.ndarray, Optional[np.ndarray], Optional[Schedule]], Schedule]
+SCHEDULERS: dict[str, Scheduler] = {}
+
+
+def register_scheduler(name: str) -> Callable[[Scheduler], Scheduler]:
+    """Decorator: make ``fn(placement, loads_E, loads_SE or None, prev) -> Schedule`` available
+    as ``solve_schedule(..., method=name)``; inputs arrive validated (int64)."""
+
+    def wrap(fn: Scheduler) -> Scheduler:
+        if name in SCHEDULERS:
+            raise ValueError(f"scheduler {name!r} is already registered")
+        SCHEDULERS[name] = fn
+        return fn
+
+    return wrap
+
+
 def solve_schedule(
     placement: Placement,
     loads: np.ndarray,
@@ -583,8 +617,9 @@ def solve_schedule(
     """Schedule one micro-batch's tokens onto the expert replicas of ``placement``.
 
     loads   int [E] tokens per expert, or int [G, E] tokens per (source GPU, expert).
-    method  "flow" (exact combinatorial solver) or "highs" (LP reference).
-    prev    the previous micro-batch's schedule on the same placement (flow only): its
+    method  a name in ``SCHEDULERS``: "flow" (exact combinatorial solver, the default) or
+            "highs" (LP reference).
+    prev    the previous micro-batch's schedule on the same placement (used by "flow"): its
             critical GPU set seeds the lower bound. (Its proportions are deliberately not
             reused as a starting plan: an even split, which spreads every expert over all its
             replicas, leaves more residual paths and routed faster in measurements.)
@@ -592,32 +627,52 @@ def solve_schedule(
     Returns a :class:`Schedule` whose makespan is ``ceil(LP optimum)``. With [G, E] loads the
     plan also minimises the tokens computed away from their source GPU among all plans of
     that makespan, and ``sends`` says which source sends what where. Raises ValueError on
-    loads of the wrong shape, negative or non-integer loads, or an unknown method.
+    loads of the wrong shape, negative or non-integer loads, an unknown method, or a ``prev``
+    for another shape.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in SCHEDULERS:
+        raise ValueError(f"unknown method {method!r}; choose from {tuple(SCHEDULERS)}")
     loads_E, loads_SE = _as_loads(placement, loads)
-    if method == "highs":
-        from moebal.schedule.highs import highs_schedule
-
-        return highs_schedule(placement, loads_E, loads_SE)
-    idx = placement._index
-    E, G = placement.num_experts, placement.num_gpus
-    lower, cert_G = _simple_bound(idx, loads_E, G)
-    T = lower
     if prev is not None:
         if not isinstance(prev, Schedule):
             raise TypeError(f"prev must be a Schedule, got {type(prev).__name__}")
+        E, G = placement.num_experts, placement.num_gpus
         if prev.x_EG.shape != (E, G):
             raise ValueError(
                 f"prev schedule is for {prev.x_EG.shape} experts x GPUs, not ({E}, {G})"
             )
-        if prev.critical_gpus:
-            mask = np.zeros(G, dtype=bool)
-            mask[list(prev.critical_gpus)] = True
-            T_prev = _ceil_div(_covered_load(idx, loads_E, mask), int(mask.sum()))
-            if T_prev > T:
-                T, cert_G = T_prev, mask
+    return SCHEDULERS[method](placement, loads_E, loads_SE, prev)
+
+
+@register_scheduler("highs")
+def _schedule_highs(
+    placement: Placement,
+    loads_E: np.ndarray,
+    loads_SE: Optional[np.ndarray],
+    prev: Optional[Schedule],
+) -> Schedule:
+    from moebal.schedule.highs import highs_schedule
+
+    return highs_schedule(placement, loads_E, loads_SE)
+
+
+@register_scheduler("flow")
+def _schedule_flow(
+    placement: Placement,
+    loads_E: np.ndarray,
+    loads_SE: Optional[np.ndarray],
+    prev: Optional[Schedule],
+) -> Schedule:
+    idx = placement._index
+    E, G = placement.num_experts, placement.num_gpus
+    lower, cert_G = _simple_bound(idx, loads_E, G)
+    T = lower
+    if prev is not None and prev.critical_gpus:
+        mask = np.zeros(G, dtype=bool)
+        mask[list(prev.critical_gpus)] = True
+        T_prev = _ceil_div(_covered_load(idx, loads_E, mask), int(mask.sum()))
+        if T_prev > T:
+            T, cert_G = T_prev, mask
     x_N = _even_plan(idx, loads_E)
     load_G = _gpu_loads(idx, x_N, G)
     T_pre, pre_G = _prefix_bound(idx, loads_E, load_G, G)
@@ -631,7 +686,7 @@ def solve_schedule(
             local = _local_first_plan(placement, loads_SE, T, cert_G)
             if local is not None:
                 x_N = local
-            elif int(loads_E.sum()) <= _flow.INT32_MAX:
+            elif int(loads_E.sum()) <= _INT32_MAX:
                 x_N = _min_moved_plan(placement, loads_SE, T)
             else:  # beyond the int32 max-flow: the reference LP does the min-cost step
                 from moebal.schedule.highs import highs_plan_lp
@@ -685,3 +740,6 @@ def even_split_makespan(placement: Placement, loads_E: np.ndarray) -> int:
     loads_E, _ = _as_loads(placement, loads_E)
     idx = placement._index
     return int(_gpu_loads(idx, _even_plan(idx, loads_E), placement.num_gpus).max(initial=0))
+
+
+METHODS = tuple(SCHEDULERS)
