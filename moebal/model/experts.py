@@ -33,20 +33,26 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether grouped_mm runs forward and backward for this device type and dtype.
 
     Decided once per (device type, dtype) by running a 2-expert problem with an empty
-    expert; the answer is cached.
+    expert (with gradients on, whatever the caller's mode); the answer is cached.
     """
     if _GROUPED_MM is None:
         return False
     try:
-        a = torch.randn(3, 16, device=device_type, dtype=dtype, requires_grad=True)
-        b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([0, 3], dtype=torch.int32, device=device_type)
-        out = _GROUPED_MM(a, b, offs=offs)
-        out.backward(torch.ones_like(out))
-        ref = a.detach().float() @ b.detach()[1].float()
-        return bool(torch.allclose(out.detach().float(), ref, rtol=2e-2, atol=2e-2))
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device_type, enabled=False):
+            return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    a = torch.randn(3, 16, device=device_type, dtype=dtype, requires_grad=True)
+    b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([0, 3], dtype=torch.int32, device=device_type)
+    out = _GROUPED_MM(a, b, offs=offs)
+    out.backward(torch.ones_like(out))
+    ref = a.detach().float() @ b.detach()[1].float()
+    return bool(torch.allclose(out.detach().float(), ref, rtol=2e-2, atol=2e-2))
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -57,13 +63,13 @@ def _aligned(t: torch.Tensor) -> bool:
     return strides_ok and (t.data_ptr() % 16 == 0 or t.numel() == 0)
 
 
-def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _use_grouped_mm(a: torch.Tensor, *bs: torch.Tensor) -> bool:
+    """Whether ``grouped_mm(a, b)`` can run for each b (and its output rows are aligned)."""
     return (
-        a.dtype == b.dtype
+        all(b.dtype == a.dtype for b in bs)
         and grouped_mm_works(a.device.type, a.dtype)
         and _aligned(a)
-        and _aligned(b)
-        and (b.shape[-1] * b.element_size()) % 16 == 0
+        and all(_aligned(b) and (b.shape[-1] * b.element_size()) % 16 == 0 for b in bs)
     )
 
 
@@ -73,10 +79,6 @@ def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tenso
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
         else x.dtype
     return tuple(t.to(dtype) for t in (x, *weights))
-
-
-def _aligned_hidden(x: torch.Tensor, hidden: int) -> bool:
-    return (hidden * x.element_size()) % 16 == 0 and (x.shape[1] * x.element_size()) % 16 == 0
 
 
 def padded_bmm(x_ND: torch.Tensor, w_EXY: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -116,71 +118,61 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Ten
 
 
 class _SortedSwiGLU(torch.autograd.Function):
-    """Gather rows by expert, grouped SwiGLU, gate-weighted sum back to tokens; one node.
+    """Gather rows by expert, grouped SwiGLU, gate-weighted scatter-add back; one node.
 
-    The backward is written out so that it is the six grouped matmuls plus a handful of
-    row gathers and elementwise passes, no more: silu(h1) is kept from the forward, and
-    in the dropless case each token's K rows are gathered back (``pos_S``: the sorted
-    position of every slot) instead of scatter-added, which is deterministic on GPUs too.
+    Written out so that forward and backward are the nine grouped matmuls plus the fewest
+    row gathers and elementwise passes: silu(h1) is kept from the forward, the output rows
+    are scaled in place, and the backward reuses its buffers in place. On a CPU every fresh
+    large tensor costs page faults, so fewer temporaries is most of the speed.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, slot_N, pos_S, offsets_E):
+    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, slot_N, offsets_E):
         T, D = x_TD.shape
         K = weights_TK.shape[1]
         token_N = torch.div(slot_N, K, rounding_mode="floor")
-        weight_N = weights_TK.reshape(-1).index_select(0, slot_N)
+        weight_N1 = weights_TK.reshape(-1).index_select(0, slot_N).unsqueeze(1)
 
         x_ND = x_TD.index_select(0, token_N)
         h1_NF = _gmm(x_ND, w1_EDF, offsets_E)
         h3_NF = _gmm(x_ND, w3_EDF, offsets_E)
         s1_NF = F.silu(h1_NF)
         a_NF = s1_NF * h3_NF
-        y_ND = _gmm(a_NF, w2_EFD, offsets_E)
+        y_ND = _gmm(a_NF, w2_EFD, offsets_E).mul_(weight_N1)
+        out_TD = x_TD.new_zeros(T, D).index_add_(0, token_N, y_ND)
 
-        if pos_S is not None:  # dropless: out[t] = sum_k weights[t, k] * y[pos[t, k]]
-            y_TKD = y_ND.index_select(0, pos_S).view(T, K, D)
-            out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).view(T, D)
-        else:
-            out_TD = x_TD.new_zeros(T, D).index_add_(0, token_N, y_ND * weight_N.unsqueeze(1))
-        ctx.save_for_backward(x_ND, h1_NF, h3_NF, s1_NF, a_NF, y_ND, weight_N,
-                              w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, pos_S, offsets_E)
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, s1_NF, a_NF, weight_N1,
+                              w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, offsets_E)
         ctx.top_k = K
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        (x_ND, h1_NF, h3_NF, s1_NF, a_NF, y_ND, weight_N,
-         w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, pos_S, offsets_E) = ctx.saved_tensors
+        (x_ND, h1_NF, h3_NF, s1_NF, a_NF, weight_N1,
+         w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, offsets_E) = ctx.saved_tensors
         T, D = g_TD.shape
         K = ctx.top_k
         g_ND = g_TD.contiguous().index_select(0, token_N)
 
+        # y = weight * (a @ w2): d/dweight = <g, a @ w2> = <g @ w2^T, a>
+        grad_a_NF = _gmm(g_ND, w2_EFD.transpose(1, 2), offsets_E)  # still unweighted
         grad_weights_TK = None
         if ctx.needs_input_grad[4]:
-            grad_weight_N = torch.linalg.vecdot(g_ND, y_ND)
-            if pos_S is not None:
-                grad_weights_TK = grad_weight_N.index_select(0, pos_S).view(T, K)
-            else:  # dropped slots get no gradient
-                grad_weights_TK = grad_weight_N.new_zeros(T * K).index_copy_(
-                    0, slot_N, grad_weight_N).view(T, K)
-        g_ND.mul_(weight_N.unsqueeze(1))
+            grad_weight_N = torch.linalg.vecdot(grad_a_NF, a_NF)
+            grad_weights_TK = grad_weight_N.new_zeros(T * K).index_copy_(
+                0, slot_N, grad_weight_N).view(T, K)  # dropped slots: 0
+        grad_a_NF.mul_(weight_N1)
+        grad_w2 = _gmm(a_NF.t(), g_ND.mul_(weight_N1), offsets_E)  # [E, F, D]
 
-        grad_w2 = _gmm(a_NF.t(), g_ND, offsets_E)  # [E, F, D]
-        grad_a_NF = _gmm(g_ND, w2_EFD.transpose(1, 2), offsets_E)
         grad_h3_NF = grad_a_NF * s1_NF
-        grad_h1_NF = grad_a_NF.mul_(h3_NF)  # in place: fewer fresh buffers, fewer page faults
+        grad_h1_NF = grad_a_NF.mul_(h3_NF)
         torch.ops.aten.silu_backward.grad_input(grad_h1_NF, h1_NF, grad_input=grad_h1_NF)
         grad_w1 = _gmm(x_ND.t(), grad_h1_NF, offsets_E)  # [E, D, F]
         grad_w3 = _gmm(x_ND.t(), grad_h3_NF, offsets_E)
         grad_x_ND = _gmm(grad_h1_NF, w1_EDF.transpose(1, 2), offsets_E)
         grad_x_ND += _gmm(grad_h3_NF, w3_EDF.transpose(1, 2), offsets_E)
-        if pos_S is not None:  # sum each token's K rows: gather in [K, T] order, sum dim 0
-            pos_KT = pos_S.view(T, K).t().reshape(-1)
-            grad_x_TD = grad_x_ND.index_select(0, pos_KT).view(K, T, D).sum(0)
-        else:
-            grad_x_TD = grad_x_ND.new_zeros(T, D).index_add_(0, token_N, grad_x_ND)
-        return grad_x_TD, grad_w1, grad_w3, grad_w2, grad_weights_TK, None, None, None
+        grad_x_TD = grad_x_ND.new_zeros(T, D).index_add_(0, token_N, grad_x_ND)
+        return grad_x_TD, grad_w1, grad_w3, grad_w2, grad_weights_TK, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -219,25 +211,16 @@ class GroupedExperts(nn.Module):
         T, D = x_TD.shape
         K = routing.indices_TK.shape[1]
         expert_S = routing.indices_TK.reshape(-1)  # S = T*K slots, token-major
-        dropless = bool(routing.kept_TK.all())
-        if dropless:
-            slot_N = torch.argsort(expert_S, stable=True)
-        else:  # capacity dropped some slots: sort only the kept ones
-            kept_slot = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
-            slot_N = kept_slot[torch.argsort(expert_S[kept_slot], stable=True)]
+        kept_S = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)  # all when dropless
+        slot_N = kept_S[torch.argsort(expert_S[kept_S], stable=True)]  # kept slots by expert
         counts_E = torch.bincount(expert_S[slot_N], minlength=self.num_experts)
 
         x_cast, w1, w3, w2 = _compute_dtype(x_TD, self.w1_EDF, self.w3_EDF, self.w2_EFD)
         weights_TK = routing.weights_TK.to(x_cast.dtype)
-        if _use_grouped_mm(x_cast, w1) and _aligned_hidden(x_cast, self.hidden):
+        if _use_grouped_mm(x_cast, w1, w3, w2):
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            pos_S = None
-            if dropless:
-                pos_S = torch.empty_like(slot_N).scatter_(
-                    0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
             with torch.autocast(x_TD.device.type, enabled=False):
-                out_TD = _SortedSwiGLU.apply(x_cast, w1, w3, w2, weights_TK, slot_N, pos_S,
-                                             offsets_E)
+                out_TD = _SortedSwiGLU.apply(x_cast, w1, w3, w2, weights_TK, slot_N, offsets_E)
             return out_TD.to(x_TD.dtype)
 
         # fallback: plain autograd through grouped_matmul (grouped_mm or padded bmm)
