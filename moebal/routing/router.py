@@ -13,13 +13,16 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from moebal.routing.balancers import BALANCERS, RoutingContext
+from moebal.routing.balancers import BALANCERS, Balancer, RoutingContext
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
+BIAS_UPDATES = ("sign", "proportional")
+BIP_ORDERS = ("paper", "causal")
+OPTIMAL_SOLVERS = ("flow", "highs")
 
 
 @dataclass
@@ -38,11 +41,19 @@ class RouterConfig:
     z_loss_coeff            beta of the router z-loss, usable with any balancer (0 = off).
     bias_update_rate        u of the loss-free expert bias.
     bias_update             "sign" (the paper's) or "proportional".
-    bip_iters               T_iter: dual iterations per batch of the BIP balancer.
+    bip_iters               T_iter: alternating dual iterations per batch of the BIP balancer.
     bip_order               "paper" (update q on the batch, then route it) or "causal"
-                            (route with the previous q, then update it).
+                            (route with the previous q, then update it from the batch).
+    bip_pin_q               after each q update subtract min_j q_j (keeps the dual on the
+                            representative with min q = 0; the batch's routing is unchanged).
+                            False = the bare update of ALGORITHMS.md, which drifts on long
+                            streams (see docs/design.md, "Balancers").
     quantile_ema            EMA weight of the quantile balancer's beta across steps (0 = off).
-    sinkhorn_iters          Sinkhorn normalisation iterations.
+    sinkhorn_iters          cap on Sinkhorn iterations per batch.
+    sinkhorn_tol            Sinkhorn stops when the mean change of the expert scaling is
+                            below this (Megatron-core's 1e-4).
+    optimal_solver          the exact balanced routing's solver: "flow" (successive
+                            shortest paths) or "highs" (the LP by HiGHS's simplex).
     """
 
     num_experts: int
@@ -58,8 +69,11 @@ class RouterConfig:
     bias_update: str = "sign"
     bip_iters: int = 4
     bip_order: str = "paper"
+    bip_pin_q: bool = True
     quantile_ema: float = 0.0
-    sinkhorn_iters: int = 3
+    sinkhorn_iters: int = 1000
+    sinkhorn_tol: float = 1e-4
+    optimal_solver: str = "flow"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,10 +105,36 @@ class RouterConfig:
             raise ValueError(
                 f"unknown balancer {self.balancer!r}; known: {sorted(BALANCERS)}"
             )
-        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "quantile_ema"):
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if not _is_number(value) or not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.bias_update not in BIAS_UPDATES:
+            raise ValueError(
+                f"bias_update must be one of {BIAS_UPDATES}, got {self.bias_update!r}"
+            )
+        if self.bip_order not in BIP_ORDERS:
+            raise ValueError(f"bip_order must be one of {BIP_ORDERS}, got {self.bip_order!r}")
+        for name in ("bip_iters", "sinkhorn_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.bip_pin_q, bool):
+            raise ValueError(f"bip_pin_q must be a bool, got {self.bip_pin_q!r}")
+        if not _is_number(self.quantile_ema) or not 0 <= self.quantile_ema < 1:
+            raise ValueError(f"quantile_ema must be in [0, 1), got {self.quantile_ema!r}")
+        if self.optimal_solver not in OPTIMAL_SOLVERS:
+            raise ValueError(
+                f"optimal_solver must be one of {OPTIMAL_SOLVERS}, got {self.optimal_solver!r}"
+            )
+        if not _is_number(self.sinkhorn_tol) or not (
+            math.isfinite(self.sinkhorn_tol) and self.sinkhorn_tol > 0
+        ):
+            raise ValueError(f"sinkhorn_tol must be a finite number > 0, got {self.sinkhorn_tol!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -140,6 +180,12 @@ class Router(nn.Module):
         self.config = config
         self.group = group
         self.balancer = BALANCERS[config.balancer](config)
+        # balancers that choose by the plain top-k of the scores: the router takes the
+        # top-k values as gate weights and skips the gather
+        kind = type(self.balancer)
+        self._plain_topk = (
+            kind.select is Balancer.select and kind.selection_scores is Balancer.selection_scores
+        )
         self._explicit_steps = False
 
     def extra_repr(self) -> str:
@@ -159,8 +205,17 @@ class Router(nn.Module):
                 f"logits have {logits_TE.shape[1]} columns but num_experts is "
                 f"{self.config.num_experts}"
             )
-        if logits_TE.numel() and not bool(torch.isfinite(logits_TE).all()):
-            raise ValueError("logits contain NaN or inf")
+        # One cheap reduction: the sum is finite whenever every entry is, unless it overflows;
+        # only then (or when something is NaN/inf) look at every entry.
+        acc = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
+        if logits_TE.numel() and not bool(torch.isfinite(logits_TE.sum(dtype=acc))):
+            bad = ~torch.isfinite(logits_TE)
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"logits contain NaN or inf ({int(bad.sum())} entries, first at "
+                    f"{where}: {logits_TE[where].item()!r})"
+                )
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         logits_TE = logits_TE.float()
@@ -189,16 +244,24 @@ class Router(nn.Module):
                 loads_E=torch.zeros(E, dtype=torch.int64, device=logits_TE.device),
             )
 
-        indices_TK = self.balancer.select(scores_TE, K, ctx).long()
-        weights_TK = scores_TE.gather(1, indices_TK)
+        if self._plain_topk:
+            # the choice is the top-k of the scores themselves: its values are the weights
+            weights_TK, indices_TK = torch.topk(scores_TE, K, dim=-1, sorted=False)
+        else:
+            indices_TK = self.balancer.select(scores_TE, K, ctx)
+            if indices_TK.dtype != torch.int64:
+                indices_TK = indices_TK.long()
+            weights_TK = scores_TE.gather(1, indices_TK)
         if cfg.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
+        counts_E = torch.bincount(indices_TK.flatten(), minlength=E)
+        ctx.counts_E = counts_E
         if cfg.capacity_factor is None:
             kept_TK = torch.ones_like(indices_TK, dtype=torch.bool)
-            loads_E = torch.bincount(indices_TK.flatten(), minlength=E)
+            loads_E = counts_E
         else:
-            kept_TK = self._capacity_mask(indices_TK, weights_TK, T)
+            kept_TK = self._capacity_mask(indices_TK, weights_TK, counts_E, T)
             weights_TK = weights_TK * kept_TK
             loads_E = torch.bincount(indices_TK[kept_TK], minlength=E)
 
@@ -224,7 +287,7 @@ class Router(nn.Module):
         return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))
 
     def _capacity_mask(
-        self, indices_TK: torch.Tensor, weights_TK: torch.Tensor, T: int
+        self, indices_TK: torch.Tensor, weights_TK: torch.Tensor, counts_E: torch.Tensor, T: int
     ) -> torch.Tensor:
         """True for the slots each expert keeps within its capacity, by the drop policy."""
         E, K = self.config.num_experts, self.config.top_k
@@ -234,7 +297,6 @@ class Router(nn.Module):
         else:
             priority = torch.arange(T * K, device=indices_TK.device)
         by_expert = priority[torch.argsort(flat_expert[priority], stable=True)]
-        counts_E = torch.bincount(flat_expert, minlength=E)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         rank = torch.arange(T * K, device=indices_TK.device) - starts_E[flat_expert[by_expert]]
         kept = torch.zeros(T * K, dtype=torch.bool, device=indices_TK.device)

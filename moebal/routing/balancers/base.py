@@ -20,12 +20,14 @@ class RoutingContext:
 
     ``seq_len``: tokens per sequence when the batch is a stack of whole sequences (the
     sequence-wise aux loss needs it). ``group``: the data-parallel process group over which
-    loads are all-reduced, or None.
+    loads are all-reduced, or None. ``counts_E``: tokens per expert as chosen, before any
+    capacity drop (set by the router after ``select``, so ``loss`` may use it).
     """
 
     logits_TE: torch.Tensor
     seq_len: Optional[int] = None
     group: Optional["dist.ProcessGroup"] = None
+    counts_E: Optional[torch.Tensor] = None
 
 
 class Balancer(nn.Module):
@@ -43,7 +45,13 @@ class Balancer(nn.Module):
     3. ``observe(loads_E)`` with the tokens per expert actually routed (training mode only).
 
     ``step()`` is called once per optimizer step; balancers with state update it there.
-    All state lives in registered buffers so ``state_dict`` round-trips exactly.
+    All state lives in registered buffers so ``state_dict`` round-trips exactly. A balancer
+    is a submodule of the router, so ``self.training`` tells it whether it may update state:
+    in ``eval()`` none does.
+
+    A balancer that keeps the default ``select`` and ``selection_scores`` chooses by the
+    plain top-k of the scores; the router then takes the gate weights straight from
+    ``torch.topk`` and never calls ``select``.
     """
 
     name: str = ""

@@ -1,0 +1,49 @@
+"""Switch/GShard auxiliary load-balancing loss, at Megatron-core's scale."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+
+
+def switch_aux_loss(
+    scores_TE: torch.Tensor,
+    counts_E: torch.Tensor,
+    num_tokens: Union[int, torch.Tensor],
+    top_k: int,
+    coeff: float,
+) -> torch.Tensor:
+    """``coeff * E * sum_j f_j * P_j`` with ``f_j = counts_j / (K * T)``, ``P_j = mean_i s_ij``.
+
+    ``counts_E``: tokens that chose each expert (no gradient flows through it);
+    ``num_tokens``: T, the tokens the counts were taken over. Equal to ``coeff`` when the
+    counts and the mean scores are both uniform (Megatron-core's scale).
+    """
+    E = scores_TE.shape[1]
+    probs_sum_E = scores_TE.sum(dim=0)
+    loss = torch.dot(probs_sum_E, counts_E.to(probs_sum_E.dtype))
+    scale = coeff * E / (top_k * scores_TE.shape[0])
+    if isinstance(num_tokens, torch.Tensor):
+        return loss * (scale / num_tokens).to(loss.dtype)
+    return loss * (scale / num_tokens)
+
+
+@register_balancer("aux_loss")
+class AuxLoss(Balancer):
+    """Plain top-k choice; the loss ``alpha * E * sum_j f_j P_j`` pushes scores to balance.
+
+    ``f_j = #tokens choosing j / (K T)`` (before capacity drops), ``P_j = mean_i s_ij`` over
+    the batch; alpha = ``config.aux_loss_coeff``. Equals alpha when perfectly balanced.
+    """
+
+    def loss(
+        self, scores_TE: torch.Tensor, indices_TK: torch.Tensor, ctx: RoutingContext
+    ) -> torch.Tensor:
+        counts_E = ctx.counts_E
+        if counts_E is None:
+            counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+        T, K = scores_TE.shape[0], indices_TK.shape[1]
+        return switch_aux_loss(scores_TE, counts_E, T, K, self.config.aux_loss_coeff)

@@ -1,0 +1,91 @@
+"""BIP-based balancing: expert prices q from the dual of the balanced-routing program."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.kernels import kth_largest, topk_indices
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moebal.routing.router import RouterConfig
+
+
+def bip_dual_iterations(
+    scores_TE: torch.Tensor,
+    q_E: torch.Tensor,
+    top_k: int,
+    iters: int,
+    pin_q: bool = True,
+    p_T: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``iters`` alternating updates of the token prices p and expert prices q; returns q.
+
+    The program: maximise ``sum s_ij x_ij`` s.t. ``sum_j x_ij <= K`` per token,
+    ``sum_i x_ij <= c`` per expert, ``x`` binary, with ``c = floor(T K / E)``. Its LP dual
+    has token prices ``p_i >= 0`` and expert prices ``q_j >= 0``; one iteration is::
+
+        p_i <- max(0, (K+1)-th largest_j (s_ij - q_j))
+        q_j <- max(0, (c+1)-th largest_i (s_ij - p_i))
+
+    and, with ``pin_q``, ``q <- q - min_j q_j`` (a move along the dual's flat direction
+    ``(p - d, q + d)``, which changes no top-k of ``s - q``). ``p_T``, when given, replaces
+    the first iteration's p update (the caller already has it). Needs ``K < E``.
+    """
+    T, E = scores_TE.shape
+    capacity = (T * top_k) // E
+    for it in range(iters):
+        if it > 0 or p_T is None:
+            p_T = kth_largest(scores_TE - q_E, top_k + 1, dim=1).clamp_min_(0.0)
+        q_E = kth_largest(scores_TE - p_T.unsqueeze(1), capacity + 1, dim=0).clamp_min_(0.0)
+        if pin_q:
+            q_E = q_E - q_E.min()
+    return q_E
+
+
+@register_balancer("bip")
+class BIPBalancer(Balancer):
+    """Route token i to the top-k of ``s_ij - q_j``, q the expert prices of the batch's BIP.
+
+    q persists across batches (one vector per router). In training mode each batch runs
+    ``config.bip_iters`` dual iterations (:func:`bip_dual_iterations`) starting from the
+    stored q:
+
+    - ``bip_order="paper"``: update q on the batch, then route the batch with the new q.
+      A token's route then depends on the other tokens of its batch, later ones included.
+    - ``bip_order="causal"``: route the batch with the q left by earlier batches, then
+      update q from it. A token's route depends only on earlier batches.
+
+    In ``eval()`` q is not updated: every batch is routed with the stored q, in either
+    order. Gate weights are the unbiased scores (the router's rule). The update runs in
+    the forward pass, per batch; ``step()`` has nothing to do.
+
+    State (buffers): ``q_E``, ``num_updates`` (batches that updated q).
+    """
+
+    def __init__(self, config: "RouterConfig") -> None:
+        super().__init__(config)
+        self.register_buffer("q_E", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+
+    def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
+        cfg = self.config
+        s_TE = scores_TE.detach()
+        q_E = self.q_E.to(s_TE.dtype)
+        if not self.training or top_k >= s_TE.shape[1]:
+            return topk_indices(s_TE - q_E, top_k)
+        if cfg.bip_order == "paper":
+            q_E = bip_dual_iterations(s_TE, q_E, top_k, cfg.bip_iters, cfg.bip_pin_q)
+            indices_TK = topk_indices(s_TE - q_E, top_k)
+        else:
+            # one top-(k+1) gives both the route and the first p update
+            values, indices = torch.topk(s_TE - q_E, top_k + 1, dim=1, sorted=True)
+            indices_TK = indices[:, :top_k]
+            p_T = values[:, top_k].clamp_min(0.0)
+            q_E = bip_dual_iterations(s_TE, q_E, top_k, cfg.bip_iters, cfg.bip_pin_q, p_T=p_T)
+        with torch.no_grad():
+            self.q_E.copy_(q_E)
+            self.num_updates.add_(1)
+        return indices_TK

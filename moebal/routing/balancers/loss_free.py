@@ -1,0 +1,58 @@
+"""DeepSeek's auxiliary-loss-free balancing: an expert bias used only to choose."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from moebal.routing.balancers._dist import all_reduce_sum_
+from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.distributed as dist
+
+    from moebal.routing.router import RouterConfig
+
+
+@register_balancer("loss_free")
+class LossFree(Balancer):
+    """Token i takes the top-k of ``s_ij + b_j``; its gate weights stay the unbiased ``s_ij``.
+
+    Loads (after capacity drops) accumulate over the micro-batches seen in training mode;
+    at ``step()`` they are summed over the data-parallel ``group`` when one is given and,
+    with ``e_j = mean_j(load) - load_j``:
+
+    - ``bias_update="sign"`` (the paper's): ``b_j += u * sign(e_j)``;
+    - ``bias_update="proportional"``: ``b_j += u * e_j / mean_j(load)`` (the error relative
+      to the mean load, so u means the same whatever the batch size).
+
+    u = ``config.bias_update_rate`` (1e-3, the paper's best). The bias only ever sees loads
+    of earlier batches: a batch's own loads never change its own routing.
+
+    State (buffers): ``bias_E``, ``loads_sum_E`` (loads since the last step), ``num_updates``.
+    """
+
+    def __init__(self, config: "RouterConfig") -> None:
+        super().__init__(config)
+        E = config.num_experts
+        self.register_buffer("bias_E", torch.zeros(E, dtype=torch.float32))
+        self.register_buffer("loads_sum_E", torch.zeros(E, dtype=torch.float64))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+
+    def selection_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return scores_TE + self.bias_E.to(scores_TE.dtype)
+
+    def observe(self, loads_E: torch.Tensor, ctx: RoutingContext) -> None:
+        self.loads_sum_E.add_(loads_E)
+
+    def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:
+        loads_E = all_reduce_sum_(self.loads_sum_E.clone(), group)
+        mean = loads_E.mean()
+        error_E = mean - loads_E
+        if self.config.bias_update == "sign":
+            self.bias_E.add_(torch.sign(error_E), alpha=self.config.bias_update_rate)
+        else:
+            self.bias_E.add_(error_E / mean.clamp_min(1.0), alpha=self.config.bias_update_rate)
+        self.loads_sum_E.zero_()
+        self.num_updates.add_(1)
