@@ -240,7 +240,8 @@ def train_parallel(
     existing = _in_turns(check_run_dir, first=rank == 0)
     # one process per machine tokenises (or finds the cache) before the others read it
     local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
-    corpus = _in_turns(lambda: resolve_corpus(data, progress=progress and rank == 0),
+    corpus = _in_turns(lambda: resolve_corpus(data, vocab_size=model_cfg.vocab_size,
+                                              progress=progress and rank == 0),
                        first=local_first)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size)
     ep = ExpertParallel.setup(parallel, model_cfg.num_experts, device=device if
