@@ -113,7 +113,8 @@ def test_corpus_is_tokenized_split_and_cached(folder, tmp_path):
     ids = first.encode((folder / held).read_text()) + [first.eos_id]
     assert first.val.tolist() == ids
     assert first.decode(first.val[:-1]) == (folder / held).read_text()
-    assert len(first.train) + len(first.val) == first.meta["train_tokens"] + first.meta["val_tokens"]
+    assert (len(first.train), len(first.val)) == (first.meta["train_tokens"],
+                                                  first.meta["val_tokens"])
 
     second = load_corpus(cfg, progress=False)
     assert second.cache_hit and second.directory == first.directory

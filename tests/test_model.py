@@ -290,3 +290,40 @@ def test_padded_bmm_fallback_equals_grouped_mm():
     w_odd = torch.randn(4, 8, 5)
     y = grouped_matmul(x_ND, w_odd, offsets_E, counts_E)
     torch.testing.assert_close(y[3:8], x_ND[3:8] @ w_odd[2])
+
+
+def test_grouped_mm_probe_is_not_fooled_by_no_grad_or_inference_mode():
+    grouped_mm_works.cache_clear()
+    with torch.inference_mode():
+        assert grouped_mm_works("cpu", torch.float32)
+    grouped_mm_works.cache_clear()
+    with torch.no_grad():
+        assert grouped_mm_works("cpu", torch.float32)
+        model = MoEModel(small_config()).eval()
+        assert model(torch.randint(0, 97, (2, 8))).logits.shape == (2, 8, 97)
+
+
+def test_eval_under_inference_mode_matches_training_graph_forward():
+    torch.manual_seed(0)
+    model = MoEModel(small_config()).eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.inference_mode():
+        fast = model(tokens).logits
+    torch.testing.assert_close(fast, model(tokens).logits)
+
+
+def test_bfloat16_autocast_runs_the_grouped_path_close_to_float32():
+    torch.manual_seed(0)
+    layer = MoELayer(small_config())
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x_TD = torch.randn(40, 32, requires_grad=True)
+    routing = layer.route(x_TD)
+    ref = layer.experts(x_TD, routing)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer.experts(x_TD, routing)
+    assert y.dtype == torch.float32  # back in the input's dtype
+    assert ((y - ref).norm() / ref.norm()).item() < 3e-2
+    y.sum().backward()
+    assert layer.experts.w1_EDF.grad.dtype == torch.float32
+    assert torch.isfinite(layer.experts.w1_EDF.grad).all()

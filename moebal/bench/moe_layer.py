@@ -4,16 +4,20 @@ The MoE layer is the model's: gate, router (any balancer) and grouped-mm experts
 shared experts if configured. The dense FFN has hidden size (top_k + shared) * expert_hidden,
 so both do the same matmul FLOPs per token; the ratio is the price of routing, sorting,
 gathering and scattering. Both run on the same tokens in one process, interleaved, and the
-table gives medians over the repeats. ``--profile`` adds the top operators of the MoE layer.
+table gives the median over repeats of the per-repeat ratio MoE / dense, in wall-clock
+time and in process CPU time (on a shared machine, CPU time leaves out the time this
+process waited for a core). ``--profile`` adds the top operators of the MoE layer.
 
-Shapes: ``tiny`` is the tiny training preset's FFN (batch_size x seq_len tokens), ``8k`` is
-8192 tokens x d 512 x 16 experts top-2, expert hidden 512.
+Shapes: ``tiny`` is the tiny training preset's FFN (batch_size x seq_len tokens),
+``default`` the ModelConfig defaults (d 256, 16 experts top-2, F 256) on 16 x 256 tokens,
+``8k`` is 8192 tokens x d 512 x 16 experts top-2, expert hidden 512.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,8 +42,8 @@ class Case:
 
 
 def tiny_case() -> Case:
-    """The tiny preset's shapes, or the ModelConfig defaults with 16 sequences if the
-    presets are not available."""
+    """The tiny preset's shapes (batch_size sequences of seq_len), or the ModelConfig
+    defaults with 16 sequences where the training presets are not installed."""
     try:
         from moebal.train.presets import get_preset
 
@@ -54,11 +58,13 @@ def cases(names: list[str], balancer: str, router_options: dict[str, Any]) -> li
     for name in names:
         if name == "tiny":
             case = tiny_case()
+        elif name == "default":
+            case = Case("default", ModelConfig(), 16)
         elif name == "8k":
             case = Case("8k", ModelConfig(d_model=512, n_heads=8, num_experts=16, top_k=2,
                                           expert_hidden=512, seq_len=1024), 8)
         else:
-            raise ValueError(f"unknown case {name!r}; known: tiny, 8k")
+            raise ValueError(f"unknown case {name!r}; known: tiny, default, 8k")
         opts = {**case.config.router_options, **router_options}
         case.config = ModelConfig.from_dict(
             {**case.config.to_dict(), "balancer": balancer, "router_options": opts}
@@ -72,12 +78,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
     _sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_case(case: Case, repeats: int, warmup: int, device: torch.device,
@@ -115,13 +122,16 @@ def bench_case(case: Case, repeats: int, warmup: int, device: torch.device,
     for _ in range(warmup):
         run_moe()
         run_dense()
-    moe_s, dense_s = [], []
+    moe_t, dense_t = [], []  # (wall, cpu) per repeat
     for i in tqdm(range(repeats), desc=f"moe-layer {case.name}", leave=False, unit="rep"):
-        order = [(run_moe, moe_s), (run_dense, dense_s)]
+        order = [(run_moe, moe_t), (run_dense, dense_t)]
         for fn, sink in order if i % 2 == 0 else order[::-1]:
             x_TD.grad = None
             sink.append(_timed(fn, device))
+    moe_s, moe_cpu = [w for w, _ in moe_t], [c for _, c in moe_t]
+    dense_s, dense_cpu = [w for w, _ in dense_t], [c for _, c in dense_t]
     ratios = [m / d for m, d in zip(moe_s, dense_s)]
+    cpu_ratios = [m / d for m, d in zip(moe_cpu, dense_cpu) if d > 0]
     result = {
         "case": case.name,
         "tokens": T,
@@ -137,6 +147,9 @@ def bench_case(case: Case, repeats: int, warmup: int, device: torch.device,
         "dense_ms": 1e3 * statistics.median(dense_s),
         "ratio_median": statistics.median(ratios),
         "ratio_of_medians": statistics.median(moe_s) / statistics.median(dense_s),
+        "moe_cpu_ms": 1e3 * statistics.median(moe_cpu),
+        "dense_cpu_ms": 1e3 * statistics.median(dense_cpu),
+        "cpu_ratio_median": statistics.median(cpu_ratios) if cpu_ratios else None,
         "moe_ms_all": [1e3 * t for t in moe_s],
         "dense_ms_all": [1e3 * t for t in dense_s],
     }
@@ -155,13 +168,14 @@ def bench_case(case: Case, repeats: int, warmup: int, device: torch.device,
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = ("case", "tokens", "D", "E", "K", "F", "dense F", "MoE ms", "dense ms",
-            "ratio (median)")
+            "ratio", "CPU-time ratio")
     rows = [head]
     for r in results:
         rows.append((
             r["case"], str(r["tokens"]), str(r["d_model"]), str(r["num_experts"]),
             str(r["top_k"]), str(r["expert_hidden"]), str(r["dense_hidden"]),
             f"{r['moe_ms']:.1f}", f"{r['dense_ms']:.1f}", f"{r['ratio_median']:.2f}x",
+            "-" if r["cpu_ratio_median"] is None else f"{r['cpu_ratio_median']:.2f}x",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -181,8 +195,9 @@ def _router_option(text: str) -> tuple[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cases", default="tiny,8k",
-                        help="comma-separated shapes: tiny (the tiny preset), 8k (default: both)")
+    parser.add_argument("--cases", default="tiny,default,8k",
+                        help="comma-separated shapes: tiny (the tiny preset), default (ModelConfig "
+                             "defaults, 16 x 256 tokens), 8k (default: all three)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per layer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--balancer", default="none", help="router balancer (default: none)")
@@ -221,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": str(device), "dtype": args.dtype or "float32",
-            "repeats": args.repeats}
+            "repeats": args.repeats, "load_average": list(os.getloadavg())}
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return 0
@@ -229,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
           f"interleaved repeats (torch {meta['torch']}, {meta['threads']} threads, "
           f"{meta['device']}, {meta['dtype']}, balancer {args.balancer})")
     print(format_table(results))
+    print(f"ratio = median over repeats of MoE time / dense time (wall clock); CPU-time "
+          f"ratio likewise with process CPU time. Load average at the end: "
+          f"{meta['load_average'][0]:.1f}")
     for r in results:
         if "profile" in r:
             print(f"\nMoE layer operators, case {r['case']}:\n{r['profile']}")

@@ -112,6 +112,7 @@ def eval_batches(
     device: Optional[torch.device] = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed evaluation windows (``num_batches * batch_size`` of them) in batches."""
-    starts = eval_windows(tokens, seq_len, None if num_batches is None else num_batches * batch_size)
+    windows = None if num_batches is None else num_batches * batch_size
+    starts = eval_windows(tokens, seq_len, windows)
     for i in range(0, len(starts), batch_size):
         yield windows_to_batch(tokens, starts[i: i + batch_size], seq_len, device)

@@ -33,20 +33,26 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether grouped_mm runs forward and backward for this device type and dtype.
 
     Decided once per (device type, dtype) by running a 2-expert problem with an empty
-    expert; the answer is cached.
+    expert (with gradients on, whatever the caller's mode); the answer is cached.
     """
     if _GROUPED_MM is None:
         return False
     try:
-        a = torch.randn(3, 16, device=device_type, dtype=dtype, requires_grad=True)
-        b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([0, 3], dtype=torch.int32, device=device_type)
-        out = _GROUPED_MM(a, b, offs=offs)
-        out.backward(torch.ones_like(out))
-        ref = a.detach().float() @ b.detach()[1].float()
-        return bool(torch.allclose(out.detach().float(), ref, rtol=2e-2, atol=2e-2))
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device_type, enabled=False):
+            return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    a = torch.randn(3, 16, device=device_type, dtype=dtype, requires_grad=True)
+    b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([0, 3], dtype=torch.int32, device=device_type)
+    out = _GROUPED_MM(a, b, offs=offs)
+    out.backward(torch.ones_like(out))
+    ref = a.detach().float() @ b.detach()[1].float()
+    return bool(torch.allclose(out.detach().float(), ref, rtol=2e-2, atol=2e-2))
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -57,13 +63,13 @@ def _aligned(t: torch.Tensor) -> bool:
     return strides_ok and (t.data_ptr() % 16 == 0 or t.numel() == 0)
 
 
-def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _use_grouped_mm(a: torch.Tensor, *bs: torch.Tensor) -> bool:
+    """Whether ``grouped_mm(a, b)`` can run for each b (and its output rows are aligned)."""
     return (
-        a.dtype == b.dtype
+        all(b.dtype == a.dtype for b in bs)
         and grouped_mm_works(a.device.type, a.dtype)
         and _aligned(a)
-        and _aligned(b)
-        and (b.shape[-1] * b.element_size()) % 16 == 0
+        and all(_aligned(b) and (b.shape[-1] * b.element_size()) % 16 == 0 for b in bs)
     )
 
 
@@ -73,10 +79,6 @@ def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tenso
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
         else x.dtype
     return tuple(t.to(dtype) for t in (x, *weights))
-
-
-def _aligned_hidden(x: torch.Tensor, hidden: int) -> bool:
-    return (hidden * x.element_size()) % 16 == 0 and (x.shape[1] * x.element_size()) % 16 == 0
 
 
 def padded_bmm(x_ND: torch.Tensor, w_EXY: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -215,7 +217,7 @@ class GroupedExperts(nn.Module):
 
         x_cast, w1, w3, w2 = _compute_dtype(x_TD, self.w1_EDF, self.w3_EDF, self.w2_EFD)
         weights_TK = routing.weights_TK.to(x_cast.dtype)
-        if _use_grouped_mm(x_cast, w1) and _aligned_hidden(x_cast, self.hidden):
+        if _use_grouped_mm(x_cast, w1, w3, w2):
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
             with torch.autocast(x_TD.device.type, enabled=False):
                 out_TD = _SortedSwiGLU.apply(x_cast, w1, w3, w2, weights_TK, slot_N, offsets_E)

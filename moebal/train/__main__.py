@@ -1,4 +1,4 @@
-"""``python -m moebal.train ...``: the same as ``moebal train ...`` (for launchers such as torchrun)."""
+"""``python -m moebal.train ...``: the same as ``moebal train ...`` (for launchers: torchrun)."""
 
 import sys
 

@@ -38,28 +38,28 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         _preset(
-            "micro", "tests: 2 layers, d 32, 4 experts, 30 steps (seconds on a CPU)",
+            "micro", "tests: 2 layers, d 32, 4 experts top-2; seconds on a CPU",
             dict(vocab_size=512, seq_len=32, d_model=32, n_layers=2, n_heads=2,
                  num_experts=4, top_k=2, expert_hidden=32),
             dict(steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup=5, eval_every=10,
                  eval_batches=2),
         ),
         _preset(
-            "tiny", "demo: 4 layers, d 128, 8 experts top-2, about a minute on 2 CPU cores",
-            dict(vocab_size=8192, seq_len=128, d_model=128, n_layers=4, n_heads=4,
+            "tiny", "demo: 4 layers, d 128, 8 experts top-2; about a minute on 2 CPU cores",
+            dict(vocab_size=4096, seq_len=128, d_model=128, n_layers=4, n_heads=4,
                  num_experts=8, top_k=2, expert_hidden=128),
-            dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup=30, eval_every=50,
+            dict(steps=200, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=20, eval_every=50,
                  eval_batches=8),
         ),
         _preset(
-            "small", "evening run: 6 layers, d 256, 16 experts top-2, 1 shared expert",
-            dict(vocab_size=8192, seq_len=256, d_model=256, n_layers=6, n_heads=4,
+            "small", "evening comparison: 4 layers, d 256, 16 experts top-2, 4.1M tokens",
+            dict(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4,
                  num_experts=16, top_k=2, expert_hidden=256),
-            dict(steps=2000, batch_size=16, lr=1.5e-3, min_lr=1.5e-4, warmup=100,
-                 eval_every=100, eval_batches=16, checkpoint_every=250),
+            dict(steps=1000, batch_size=16, lr=1.5e-3, min_lr=1.5e-4, warmup=50,
+                 eval_every=200, eval_batches=32, checkpoint_every=200),
         ),
         _preset(
-            "paper-16e", "BIP paper's 16-expert 0.3B MiniMind-style model (GPU)",
+            "paper-16e", "after the BIP paper's 16-expert 0.3B MiniMind model (GPU)",
             dict(vocab_size=6400, seq_len=512, d_model=512, n_layers=8, n_heads=8,
                  num_experts=16, top_k=2, expert_hidden=1408, num_shared_experts=1,
                  router_options={"norm_topk_prob": True}),
@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
                  eval_every=500, eval_batches=32, checkpoint_every=1000),
         ),
         _preset(
-            "paper-64e", "BIP paper's 64-expert 1.1B MiniMind-style model (GPU)",
+            "paper-64e", "after the BIP paper's 64-expert 1.1B MiniMind model (GPU)",
             dict(vocab_size=6400, seq_len=512, d_model=512, n_layers=8, n_heads=8,
                  num_experts=64, top_k=2, expert_hidden=1408, num_shared_experts=1,
                  router_options={"norm_topk_prob": True}),

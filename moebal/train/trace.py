@@ -93,7 +93,9 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     with np.load(path, allow_pickle=False) as z:
         version = int(z["format_version"])
         if version != TRACE_FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r} is trace format {version}, expected {TRACE_FORMAT_VERSION}")
+            raise ValueError(
+                f"{str(path)!r} is trace format {version}, expected {TRACE_FORMAT_VERSION}"
+            )
         return RoutingTrace(
             counts=z["counts"],
             step=z["step"],

@@ -124,15 +124,17 @@ def read_metrics(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     return records
 
 
-def resolve_corpus(data: DataLike, progress: bool = True) -> Corpus:
+def resolve_corpus(data: DataLike, vocab_size: int = 8192, progress: bool = True) -> Corpus:
+    """A loaded corpus from ``data`` (see :func:`train`); ``vocab_size`` is the BPE vocabulary
+    trained when ``data`` is None or a path."""
     if isinstance(data, Corpus):
         return data
     if isinstance(data, DataConfig):
         return load_corpus(data, progress=progress)
     if data is None:
-        return load_corpus(DataConfig(), progress=progress)
+        return load_corpus(DataConfig(vocab_size=vocab_size), progress=progress)
     if isinstance(data, (str, os.PathLike)):
-        return load_corpus(DataConfig(path=str(data)), progress=progress)
+        return load_corpus(DataConfig(path=str(data), vocab_size=vocab_size), progress=progress)
     raise TypeError(f"data must be a Corpus, DataConfig, path or None, got {type(data).__name__}")
 
 
@@ -628,7 +630,8 @@ class Trainer:
         files = self._files()
         if files["metrics.jsonl"] is not None:
             files["metrics.jsonl"].parent.mkdir(parents=True, exist_ok=True)
-        log = open(files["metrics.jsonl"], "a", encoding="utf-8") if files["metrics.jsonl"] else None
+        metrics_file = files["metrics.jsonl"]
+        log = open(metrics_file, "a", encoding="utf-8") if metrics_file is not None else None
         wall_start = time.perf_counter() - self.wall_seconds
 
         def write(record: dict[str, Any]) -> None:
@@ -666,7 +669,8 @@ class Trainer:
                         write(ev)
                         postfix["val_ppl"] = f"{ev['val_ppl']:.1f}"
                     bar.set_postfix(postfix, refresh=False)
-                    if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    every = cfg.checkpoint_every
+                    if step == cfg.steps or (every and step % every == 0):
                         checkpoint()
         finally:
             bar.close()
@@ -718,7 +722,8 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    _atomic_write_bytes(path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    _atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
 
 
 def train(
@@ -740,7 +745,8 @@ def train(
                 ``resume`` (continue from its checkpoint.pt; a finished run returns at once;
                 no checkpoint yet: start afresh) or ``force`` (start afresh, deleting it).
     data        a loaded :class:`Corpus` (reuse it across runs), a :class:`DataConfig`,
-                a path (file, folder of .txt, JSONL), or None for the default corpus.
+                a path (file, folder of .txt, JSONL), or None for the default corpus; for a
+                path or None the BPE vocabulary is ``model_cfg.vocab_size``.
 
     All bad input (configs, data, a checkpoint from another configuration) raises
     ValueError/TypeError before the first step.
@@ -758,7 +764,7 @@ def train(
             f"{str(run_dir)!r} already holds a run ({', '.join(existing)}); "
             f"resume it with --resume or start over with --force"
         )
-    corpus = resolve_corpus(data, progress=progress)
+    corpus = resolve_corpus(data, vocab_size=model_cfg.vocab_size, progress=progress)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size)
     trainer = Trainer(model_cfg, train_cfg, corpus, run_dir, preset=preset)
     checkpoint = run_dir / "checkpoint.pt" if run_dir is not None else None
