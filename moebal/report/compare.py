@@ -245,7 +245,7 @@ def describe_data(plan: Plan, corpus) -> str:
 
 # Fields that may differ between an interrupted comparison and the one resuming it.
 _FREE_KEYS = ("seeds", "balancers", "balancer_options", "data", "params_total", "params_active")
-_FREE_TRAIN = ("log_every", "checkpoint_every", "router_timing")
+_FREE_TRAIN = ("log_every", "checkpoint_every", "router_timing", "threads")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
