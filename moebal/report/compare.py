@@ -146,7 +146,7 @@ class Plan:
     command: str
 
     def model_config(self, method: str):
-        opts = {**self.model.router_options, **self.balancer_options[method]}
+        opts = {**self.model.router_options, **self.balancer_options.get(method, {})}
         return dataclasses.replace(self.model, balancer=method, router_options=opts)
 
     def train_config(self, seed: int):
