@@ -36,3 +36,15 @@ $MOEBAL simulate ${PAPER/--ffn-hidden 14336/--ffn-hidden 1408} --experts 64 --d-
   --synthetic zipf --exponent 0.6 --no-plots --out $OUT/fine-grained
 # 5. GPU and expert counts (3 timed steps x 1 layer each)
 $MOEBAL simulate --sweep --synthetic zipf --exponent 0.6 --sched-time-ms 1 --no-progress --out $OUT/sweep
+# 6. routing traces of our own training runs (tiny preset, 80 steps, 8 data-parallel shards), one
+#    per balancer; recorded with (model branch ca9d162 + routing branch 21fb9a4 balancers):
+#      moebal train --preset tiny --balancer B --steps 80 --trace --out $OUT/traces/tiny-B
+#    (the run folders' trace.npz and config.json are committed under $OUT/traces/)
+T=$OUT/traces
+TRACES="$T/tiny-none/trace.npz $T/tiny-aux_loss/trace.npz $T/tiny-loss_free/trace.npz"
+#    each GPU's micro-batch = one recorded 128-token sequence, rescaled to 4096 tokens
+$MOEBAL simulate $PAPER --trace $TRACES --out $OUT/traces-sim
+$MOEBAL simulate $PAPER --trace $TRACES --include-attention --no-plots --out $OUT/traces-sim-attn
+#    each GPU's micro-batch = 4 recorded sequences pooled (fewer steps: re-place every 2)
+$MOEBAL simulate ${PAPER/--rebalance-every 10/--rebalance-every 2} --trace $TRACES --trace-pool 4 \
+  --no-plots --out $OUT/traces-sim-pool4
