@@ -28,9 +28,11 @@ def test_trace_shapes_are_accepted(tmp_path, capsys, shards):
     np.savez(path, counts=rng.integers(0, 50, size=shape))
     loads = load_trace(str(path))
     assert loads.shape == (6, 16)
-    assert main(["bench", "schedule", "--json", "--trace", str(path), "--sizes", "8x16", *QUICK]) == 0
+    args = ["bench", "schedule", "--json", "--trace", str(path), "--sizes", "8x16", *QUICK]
+    assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert {r["loads"] for r in rows} == {"trace"} and all(r["makespan_equal"] == "1/1" for r in rows)
+    assert {r["loads"] for r in rows} == {"trace"}
+    assert all(r["makespan_equal"] == "1/1" for r in rows)
 
 
 def test_bad_trace_and_sizes_are_reported(tmp_path, capsys):

@@ -104,7 +104,9 @@ def test_standard_is_megatron_ep_by_edp():
     assert p.holds_EG.sum(0).tolist() == [2] * 8
 
 
-@pytest.mark.parametrize("G, E, s", [(8, 64, 16), (8, 64, 32), (64, 256, 8), (32, 8, 1), (6, 4, 2), (12, 8, 2)])
+@pytest.mark.parametrize(
+    "G, E, s", [(8, 64, 16), (8, 64, 32), (64, 256, 8), (32, 8, 1), (6, 4, 2), (12, 8, 2)]
+)
 def test_symmetric_is_regular_and_seeded(G, E, s):
     p = symmetric(G, E, s, seed=1)
     r = G * s // E

@@ -168,8 +168,9 @@ def test_deterministic_and_warm_start_is_exact(inst, seed):
 @pytest.mark.parametrize("G, E, s", [(8, 64, 16), (16, 64, 8), (64, 256, 16)])
 def test_medium_instances_match_highs(name, G, E, s):
     rng = np.random.default_rng(G + E + s)
-    p = lambda loads: 1.0 / np.arange(1, E + 1) ** loads
-    hist = np.stack([rng.multinomial(G * 256, rng.permutation(p(1.0) / p(1.0).sum())) for _ in range(3)])
+    p = lambda exponent: 1.0 / np.arange(1, E + 1) ** exponent
+    w1 = p(1.0) / p(1.0).sum()
+    hist = np.stack([rng.multinomial(G * 256, rng.permutation(w1)) for _ in range(3)])
     placement = build_placement(name, G, E, s, loads_E=hist, seed=1)
     prev = None
     for a in (0.5, 1.0, 1.5):
@@ -189,6 +190,11 @@ def test_huge_loads_use_the_integer_push_path():
     s = solve_schedule(p, loads)
     check_plan(p, loads, s)
     assert s.makespan == math.ceil(lp_optimum(p, loads))
+    loads_SE = rng.integers(0, 2**30, size=(8, 16))  # locality beyond int32 too
+    s = solve_schedule(p, loads_SE)
+    check_plan(p, loads_SE.sum(0), s)
+    h = solve_schedule(p, loads_SE, method="highs")
+    assert (s.makespan, s.tokens_moved) == (h.makespan, h.tokens_moved)
 
 
 def test_zero_load_and_single_gpu():
@@ -253,7 +259,8 @@ from moebal.schedule import build_placement, solve_schedule
 rng = np.random.default_rng(7)
 p = build_placement("symmetric", 16, 64, 8, seed=3)
 w = 1.0 / np.arange(1, 65)
-loads_SE = np.stack([rng.multinomial(int(n), np.full(16, 1 / 16)) for n in rng.multinomial(16 * 500, w / w.sum())], 1)
+loads_E = rng.multinomial(16 * 500, w / w.sum())
+loads_SE = np.stack([rng.multinomial(int(n), np.full(16, 1 / 16)) for n in loads_E], 1)
 h = hashlib.sha256()
 for loads in (loads_SE.sum(0), loads_SE):
     s = solve_schedule(p, loads)

@@ -170,7 +170,9 @@ class Placement:
         """A placement from a bool [E, G] matrix; ``slots_per_gpu`` defaults to the fullest GPU."""
         holds = np.asarray(holds_EG)
         if holds.ndim != 2 or holds.dtype != bool:
-            raise ValueError(f"holds_EG must be a bool [E, G] matrix, got {holds.dtype} {holds.shape}")
+            raise ValueError(
+                f"holds_EG must be a bool [E, G] matrix, got {holds.dtype} {holds.shape}"
+            )
         if slots_per_gpu is None:
             slots_per_gpu = max(1, int(holds.sum(0).max(initial=0)))
         sets = tuple(tuple(int(g) for g in np.flatnonzero(row)) for row in holds)
@@ -244,7 +246,9 @@ def _uniform_replicas(G: int, E: int, s: int, builder: str) -> int:
 def _history(loads_E: Optional[np.ndarray], E: int, builder: str) -> np.ndarray:
     """A load history as int64 [steps, E] (a single [E] vector is one step)."""
     if loads_E is None:
-        raise ValueError(f"{builder} placement needs a load history: pass loads_E ([E] or [steps, E])")
+        raise ValueError(
+            f"{builder} placement needs a load history: pass loads_E ([E] or [steps, E])"
+        )
     arr = np.asarray(loads_E)
     if arr.ndim == 1:
         arr = arr[None, :]

@@ -33,11 +33,13 @@ from fractions import Fraction
 from typing import Callable, Optional
 
 import numpy as np
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import dijkstra, maximum_flow
 
-from moebal.schedule import _flow
 from moebal.schedule.placement import Placement, _SlotIndex
 
 _INF = np.int64(1 << 40)
+_INT32_MAX = 2**31 - 1  # scipy's max flow works on int32 capacities
 _MAX_TOTAL = 2**50  # token totals stay far from int64 and float64-exact limits
 
 
@@ -277,9 +279,6 @@ def _residual_max_flow(
     Network: source -> GPU g above target (its excess); GPU g -> expert e (x[e, g]); expert
     e -> any holder (unbounded); GPU h below target -> sink (its room). Returns the new plan.
     """
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import maximum_flow
-
     se, sg = idx.expert_N, idx.gpu_N
     N = len(se)
     over = np.flatnonzero(excess_G > 0)
@@ -299,8 +298,9 @@ def _residual_max_flow(
     sink_at = (start_G + per_G)[under_G]
     gpu_idx[sink_at] = E + G + 1
     gpu_cap[sink_at] = -excess_G[under_G]
+    end = N + len(gpu_idx) + len(over)
     indptr = np.concatenate(
-        [idx.start_E, N + np.cumsum(np.concatenate([[0], row_G])), [N + len(gpu_idx) + len(over)] * 2]
+        [idx.start_E, N + np.cumsum(np.concatenate([[0], row_G])), [end, end]]
     ).astype(np.int32)
     big = int(excess_G[over].sum())
     indices = np.concatenate([E + sg, gpu_idx, E + over]).astype(np.int32)
@@ -323,7 +323,7 @@ def _route(
     exact residual max flow is cheaper than the several push sweeps it would take.
     """
     total = int(x_N.sum())
-    use_scipy = total <= _flow.INT32_MAX
+    use_scipy = total <= _INT32_MAX
     slack = 4 * int(np.sum(np.broadcast_to(cap, (G,)))) >= 5 * total
     rounds, flowed = 0, False
     while True:
@@ -461,9 +461,6 @@ def _min_moved_plan(
     zero-reduced-cost residual entries, so the flow stays of minimum cost for its value; the
     phases end when every token flows.
     """
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import dijkstra, maximum_flow
-
     idx = placement._index
     E, G = placement.num_experts, placement.num_gpus
     se, sg = idx.expert_N, idx.gpu_N
@@ -520,10 +517,8 @@ def _min_moved_plan(
         adm = avail & (rc + d[rows] - d[cols] == 0)
         indptr = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(np.bincount(rows[adm], minlength=n), out=indptr[1:])
-        graph = csr_array(
-            (np.minimum(cap[adm], _flow.INT32_MAX).astype(np.int32), cols[adm].astype(np.int32), indptr),
-            shape=(n, n),
-        )
+        adm_cap = np.minimum(cap[adm], _INT32_MAX).astype(np.int32)
+        graph = csr_array((adm_cap, cols[adm].astype(np.int32), indptr), shape=(n, n))
         res = maximum_flow(graph, src, snk, method="dinic")
         if res.flow_value <= 0:
             raise RuntimeError(f"min-cost flow made no progress at {value} of {total} tokens")
@@ -691,7 +686,7 @@ def _schedule_flow(
             local = _local_first_plan(placement, loads_SE, T, cert_G)
             if local is not None:
                 x_N = local
-            elif int(loads_E.sum()) <= _flow.INT32_MAX:
+            elif int(loads_E.sum()) <= _INT32_MAX:
                 x_N = _min_moved_plan(placement, loads_SE, T)
             else:  # beyond the int32 max-flow: the reference LP does the min-cost step
                 from moebal.schedule.highs import highs_plan_lp
