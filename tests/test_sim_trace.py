@@ -124,6 +124,11 @@ def test_microbatches_group_shard_vectors_in_order():
     np.testing.assert_array_equal(microbatches(tr, 4)[1, 0], counts[1, 0])
     with pytest.raises(ValueError, match="fewer than one"):
         microbatches(tr, 13)
+    pooled = microbatches(tr, 2, pool=3)  # 12 vectors -> 4 sources -> 2 micro-batches
+    assert pooled.shape == (2, 2, 2, 5)
+    np.testing.assert_array_equal(pooled[0, 1, 1], counts[0, 1, 3] + counts[1, 1, 0] + counts[1, 1, 1])
+    with pytest.raises(ValueError, match="pool"):
+        microbatches(tr, 2, pool=0)
 
 
 def test_rescale_keeps_totals_and_proportions():

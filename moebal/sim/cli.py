@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, help="synthetic MoE layers (default 2; sweep 1)")
     g.add_argument("--tokens-per-gpu", type=int, default=4096,
                    help="tokens per GPU and micro-batch (traces are rescaled to it; 0 keeps a trace's counts)")
+    g.add_argument("--trace-pool", type=int, default=1,
+                   help="recorded shard vectors summed into one GPU's micro-batch (default 1)")
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("cluster")
@@ -189,7 +191,7 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
          synthetic: bool = False) -> dict:
     cluster = Cluster(gpus, trace.num_experts, args.ep, args.sched_group)
     tpg = args.tokens_per_gpu if args.tokens_per_gpu > 0 else None
-    mb = microbatches(trace, gpus, tpg)
+    mb = microbatches(trace, gpus, tpg, pool=1 if synthetic else args.trace_pool)
     warm = args.warmup
     if warm is None:  # synthetic: the generated warm-up steps; a trace: up to half of it
         warm = args.rebalance_every if synthetic else min(args.rebalance_every, len(mb) // 2)
@@ -311,7 +313,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _check_args(args) -> None:
-    for name in ("steps", "layers", "gpus", "experts", "top_k", "ep", "sched_group", "gpus_per_node",
+    for name in ("steps", "layers", "gpus", "trace_pool", "experts", "top_k", "ep", "sched_group", "gpus_per_node",
                  "rebalance_every", "d_model", "ffn_hidden", "seq_len", "bytes_per_elem"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -258,7 +258,9 @@ def _cap(p: np.ndarray, cap: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # from a trace to the simulator's micro-batches
 # ---------------------------------------------------------------------------------------
-def microbatches(trace: Trace, num_gpus: int, tokens_per_gpu: Optional[int] = None) -> np.ndarray:
+def microbatches(
+    trace: Trace, num_gpus: int, tokens_per_gpu: Optional[int] = None, pool: int = 1
+) -> np.ndarray:
     """Arrange a trace as micro-batches of ``num_gpus`` sources: [M, layers, G, experts].
 
     Every GPU of the simulated cluster is a data-parallel source with its own micro-batch.
@@ -267,6 +269,10 @@ def microbatches(trace: Trace, num_gpus: int, tokens_per_gpu: Optional[int] = No
     ``floor(S * R / G)`` micro-batches; a trace recorded on G ranks maps one step to one
     micro-batch. Leftover vectors are dropped.
 
+    ``pool``: every source is the sum of ``pool`` consecutive shard vectors (a GPU's
+    micro-batch holds several of the recorded shards' sequences), so ``floor(S * R / (pool *
+    G))`` micro-batches.
+
     ``tokens_per_gpu``: rescale every source's counts to ``tokens_per_gpu * top_k``
     assignments (largest-remainder rounding keeps integers and the exact total) so that a
     small training run's routing can be replayed at a realistic micro-batch size; the
@@ -274,13 +280,17 @@ def microbatches(trace: Trace, num_gpus: int, tokens_per_gpu: Optional[int] = No
     """
     if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, np.integer)) or num_gpus < 1:
         raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
+    if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1:
+        raise ValueError(f"pool must be a positive integer, got {pool!r}")
     S, L, R, E = trace.counts_SLRE.shape
     stream_NLE = trace.counts_SLRE.transpose(0, 2, 1, 3).reshape(S * R, L, E)
-    M = (S * R) // num_gpus
+    N = (S * R) // pool
+    stream_NLE = stream_NLE[: N * pool].reshape(N, pool, L, E).sum(1)
+    M = N // num_gpus
     if M == 0:
         raise ValueError(
-            f"the trace has {S} steps x {R} shards = {S * R} source vectors, fewer than one"
-            f" micro-batch of {num_gpus} GPUs"
+            f"the trace has {S} steps x {R} shards = {S * R} shard vectors, fewer than one"
+            f" micro-batch of {num_gpus} GPUs x {pool} pooled vectors"
         )
     mb_MGLE = stream_NLE[: M * num_gpus].reshape(M, num_gpus, L, E)
     mb_MLGE = mb_MGLE.transpose(0, 2, 1, 3).copy()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The simulation study of docs/results/simulation/report.md, exactly as run (2026-11-22).
-# From the repository root:  bash docs/results/simulation/run.sh      (about 8 minutes, 2 cores)
+# From the repository root:  bash docs/results/simulation/run.sh      (10-20 minutes on 2 shared cores)
 set -euo pipefail
 OUT=docs/results/simulation
 MOEBAL=${MOEBAL:-"python -m moebal"}
@@ -36,3 +36,15 @@ $MOEBAL simulate ${PAPER/--ffn-hidden 14336/--ffn-hidden 1408} --experts 64 --d-
   --synthetic zipf --exponent 0.6 --no-plots --out $OUT/fine-grained
 # 5. GPU and expert counts (3 timed steps x 1 layer each)
 $MOEBAL simulate --sweep --synthetic zipf --exponent 0.6 --sched-time-ms 1 --no-progress --out $OUT/sweep
+# 6. routing traces of our own training runs (tiny preset, 80 steps, 8 data-parallel shards), one
+#    per balancer; recorded with (model branch ca9d162 + routing branch 21fb9a4 balancers):
+#      moebal train --preset tiny --balancer B --steps 80 --trace --out runs/tiny-B
+#    (each run folder's trace.npz and config.json copied to $OUT/traces/tiny-B/)
+T=$OUT/traces
+TRACES="$T/tiny-none/trace.npz $T/tiny-aux_loss/trace.npz $T/tiny-loss_free/trace.npz"
+#    each GPU's micro-batch = one recorded 128-token sequence, rescaled to 4096 tokens
+$MOEBAL simulate $PAPER --trace $TRACES --out $OUT/traces-sim
+$MOEBAL simulate $PAPER --trace $TRACES --include-attention --no-plots --out $OUT/traces-sim-attn
+#    each GPU's micro-batch = 4 recorded sequences pooled (fewer steps: re-place every 2)
+$MOEBAL simulate ${PAPER/--rebalance-every 10/--rebalance-every 2} --trace $TRACES --trace-pool 4 \
+  --no-plots --out $OUT/traces-sim-pool4
