@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimal-repeats", type=int, default=3,
                         help="timed calls of the exact optimum, run separately at the "
                              "smallest size (0 = skip it)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: CPU time of the calling thread, which "
+                             "load from other processes does not inflate (needs --threads 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -79,6 +82,7 @@ def time_methods(
     warmup: int,
     seed: int = 0,
     progress: Optional[tqdm] = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds of each call of each method; methods interleaved in a shuffled order."""
     rng = random.Random(seed)
@@ -91,9 +95,9 @@ def time_methods(
         rng.shuffle(names)
         batch = batches[r % len(batches)]
         for name in names:
-            start = time.perf_counter()
+            start = clock()
             methods[name](batch)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
         if progress is not None:
             progress.update(1)
     return times
@@ -102,6 +106,7 @@ def time_methods(
 def bench_size(
     tokens: int, experts: int, top_k: int, balancers: Sequence[str], repeats: int,
     warmup: int, seed: int, progress: Optional[tqdm] = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict[str, Any]]:
     batches = list(skewed_stream(8, tokens, experts, skew=2.0, seed=seed))
     methods: dict[str, Callable[[torch.Tensor], Any]] = {BASELINE: _baseline(top_k)}
@@ -109,7 +114,7 @@ def bench_size(
         methods[name] = _router_call(
             Router(RouterConfig(num_experts=experts, top_k=top_k, balancer=name)).train()
         )
-    times = time_methods(methods, batches, repeats, warmup, seed, progress)
+    times = time_methods(methods, batches, repeats, warmup, seed, progress, clock)
     base = statistics.median(times[BASELINE])
     rows = []
     for name in methods:
@@ -142,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError(f"--clock cpu times one thread: it needs --threads 1, got {args.threads}")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     for name in args.balancers or ():
         if name not in BALANCERS:
             raise ValueError(f"unknown balancer {name!r}; known: {sorted(BALANCERS)}")
@@ -152,19 +160,19 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(sizes) * args.repeats, desc="bench router", disable=not show) as bar:
         for T, E, K in sizes:
-            rows += bench_size(T, E, K, balancers, args.repeats, args.warmup, args.seed, bar)
+            rows += bench_size(
+                T, E, K, balancers, args.repeats, args.warmup, args.seed, bar, clock
+            )
     if args.optimal_repeats and args.balancers is None:
         # the exact optimum is a reference: timed on its own, at the smallest size
         T, E, K = min(sizes, key=lambda s: s[0] * s[1] * s[2])
-        rows += [
-            r for r in bench_size(T, E, K, ["optimal"], args.optimal_repeats, 1, args.seed)
-        ]
-    setup = {"threads": torch.get_num_threads(), "repeats": args.repeats,
+        rows += bench_size(T, E, K, ["optimal"], args.optimal_repeats, 1, args.seed, None, clock)
+    setup = {"threads": torch.get_num_threads(), "repeats": args.repeats, "clock": args.clock,
              "torch": torch.__version__, "dtype": "float32"}
     if args.json:
         print(json.dumps({"setup": setup, "results": rows}, indent=2))
     else:
         print(f"router time vs plain softmax+topk, float32, {setup['threads']} threads, "
-              f"median of {args.repeats} interleaved repeats")
+              f"{args.clock} clock, median of {args.repeats} interleaved repeats")
         print(format_table(rows))
     return 0

@@ -45,6 +45,29 @@ def bip_dual_iterations(
     return q_E
 
 
+def bip_route(
+    scores_TE: torch.Tensor,
+    q_E: torch.Tensor,
+    top_k: int,
+    iters: int,
+    pin_q: bool = True,
+    order: str = "paper",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of the BIP balancer: ``(indices_TK, new q)``.
+
+    ``order="paper"``: :func:`bip_dual_iterations` from ``q_E``, then route by the top-k
+    of ``s - q_new``. ``order="causal"``: route by the top-k of ``s - q_E``; the same
+    top-(k+1) gives the first iteration's p, then the iterations run as usual.
+    """
+    if order == "paper":
+        q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q)
+        return topk_indices(scores_TE - q_E, top_k), q_E
+    values, indices = torch.topk(scores_TE - q_E, top_k + 1, dim=1, sorted=True)
+    p_T = values[:, top_k].clamp_min(0.0)
+    q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q, p_T=p_T)
+    return indices[:, :top_k], q_E
+
+
 @register_balancer("bip")
 class BIPBalancer(Balancer):
     """Route token i to the top-k of ``s_ij - q_j``, q the expert prices of the batch's BIP.
@@ -91,16 +114,9 @@ class BIPBalancer(Balancer):
         q_E = self.q_E.to(s_TE.dtype)
         if not self.training or top_k >= s_TE.shape[1]:
             return topk_indices(s_TE - q_E, top_k)
-        iters = self._iters()
-        if cfg.bip_order == "paper":
-            q_E = bip_dual_iterations(s_TE, q_E, top_k, iters, cfg.bip_pin_q)
-            indices_TK = topk_indices(s_TE - q_E, top_k)
-        else:
-            # one top-(k+1) gives both the route and the first p update
-            values, indices = torch.topk(s_TE - q_E, top_k + 1, dim=1, sorted=True)
-            indices_TK = indices[:, :top_k]
-            p_T = values[:, top_k].clamp_min(0.0)
-            q_E = bip_dual_iterations(s_TE, q_E, top_k, iters, cfg.bip_pin_q, p_T=p_T)
+        indices_TK, q_E = bip_route(
+            s_TE, q_E, top_k, self._iters(), cfg.bip_pin_q, cfg.bip_order
+        )
         with torch.no_grad():
             self.q_E.copy_(q_E)
             self.num_updates.add_(1)
