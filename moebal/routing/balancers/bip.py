@@ -96,17 +96,17 @@ class BIPBalancer(Balancer):
         super().__init__(config)
         self.register_buffer("q_E", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
-        self._updated: Optional[bool] = None  # cached num_updates > 0 (no sync per batch)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._updated = None
+        # cached ``num_updates > 0`` with the buffer version it was read at: no device sync
+        # per batch, and still right after any in-place write to the buffer (load_state_dict,
+        # a restore by activation checkpointing, a user's copy_)
+        self._updated: Optional[tuple[int, bool]] = None
 
     def _iters(self) -> int:
         """``bip_iters``, or ``bip_warmup_iters`` while q has never been updated."""
-        if self._updated is None:
-            self._updated = bool(self.num_updates > 0)
-        return self.config.bip_iters if self._updated else self.config.bip_warmup_iters
+        version = self.num_updates._version
+        if self._updated is None or self._updated[0] != version:
+            self._updated = (version, bool(self.num_updates > 0))
+        return self.config.bip_iters if self._updated[1] else self.config.bip_warmup_iters
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         cfg = self.config
@@ -120,5 +120,5 @@ class BIPBalancer(Balancer):
         with torch.no_grad():
             self.q_E.copy_(q_E)
             self.num_updates.add_(1)
-        self._updated = True
+        self._updated = (self.num_updates._version, True)
         return indices_TK
