@@ -69,6 +69,13 @@ RELEVANT_OPTIONS: dict[str, tuple[str, ...]] = {
     "optimal": (),
 }
 
+# CPU threads per training run unless --set threads=N says otherwise. On the shared 2-core
+# machine the tiny preset ran 19x slower per step with two threads than with one (15 steps:
+# 176 s vs 9.2 s, load average 12; two threads with OMP_WAIT_POLICY=PASSIVE: 17.9 s): two
+# OpenMP threads contending with other work stall each other. One thread is the robust
+# default; --set threads=0 leaves torch's own choice.
+CPU_THREADS = 1
+
 RUN_RECORD = "run.json"
 MAX_SERIES_POINTS = 4000  # per-step series longer than this are thinned (every k-th step)
 SNAPSHOT_FRACTIONS = (0.0, 0.1, 0.5, 1.0)  # load snapshots: first step, 10%, half, last
@@ -192,6 +199,9 @@ def make_plan(
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     resolved = resolve_device(device).type
+    user_threads = any(o.split("=", 1)[0].strip().replace("-", "_") == "threads" for o in overrides)
+    if resolved == "cpu" and not user_threads:
+        train_cfg = dataclasses.replace(train_cfg, threads=CPU_THREADS)
     options = parse_balancer_options(balancer_options, names, model_cfg.router_options)
     # building every method's config validates its router options now, not mid-comparison
     plan = Plan(preset, names, list(range(seeds)), model_cfg, train_cfg, options,
@@ -470,7 +480,7 @@ def _read_finished(run_dir: Path, method: str, seed: int) -> Optional[dict]:
 
 
 # --------------------------------------------------------------------------- the comparison
-def environment(device: str) -> dict[str, Any]:
+def environment(device: str, threads: int = 0) -> dict[str, Any]:
     import torch
 
     env = {
@@ -479,11 +489,13 @@ def environment(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "device": device,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads or torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):  # other work on the machine makes timings noisy
+        env["load_average_at_start"] = round(os.getloadavg()[0], 2)
     return env
 
 
@@ -521,12 +533,14 @@ def run_comparison(
         "created_at": previous.get("created_at") if previous else _now(),
         "updated_at": _now(),
         "config": config,
-        "environment": environment(plan.device),
+        "environment": environment(plan.device, plan.train.threads),
         "runs": [],
     }
 
     def save() -> None:
         results["updated_at"] = _now()
+        if hasattr(os, "getloadavg"):
+            results["environment"]["load_average_at_last_update"] = round(os.getloadavg()[0], 2)
         order = {key: i for i, key in enumerate(plan.runs())}
         results["runs"].sort(key=lambda r: order.get((r["method"], r["seed"]), len(order)))
         atomic_write_json(out / RESULTS_FILE, results)
