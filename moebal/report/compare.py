@@ -219,7 +219,7 @@ def make_plan(
 # --------------------------------------------------------------------------- identity
 def experiment_config(plan: Plan, corpus) -> dict[str, Any]:
     """The ``config`` block of results.json."""
-    model = plan.model_config("none").to_dict()
+    model = plan.model.to_dict()  # what every method shares; their options are separate
     model["vocab_size"] = corpus.vocab_size
     model.pop("balancer")
     train = plan.train_config(0).to_dict()
@@ -280,6 +280,19 @@ def config_differences(old: dict, new: dict) -> list[str]:
                 f"{m} options: {old['balancer_options'][m]!r} != {new['balancer_options'][m]!r}"
             )
     return problems
+
+
+def run_fingerprint(config: dict, method: str) -> str:
+    """What a finished run must share with the comparison that reuses it: everything in
+    ``config`` that :func:`config_differences` compares, and this method's options."""
+    import hashlib
+    import json
+
+    key = {k: v for k, v in config.items() if k not in _FREE_KEYS and k != "train"}
+    key["train"] = {k: v for k, v in config.get("train", {}).items() if k not in _FREE_TRAIN}
+    key["options"] = config.get("balancer_options", {}).get(method, {})
+    text = json.dumps(json_clean(key), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_out_dir(out: Path, config: dict, resume: bool, force: bool) -> Optional[dict]:
@@ -430,7 +443,7 @@ def _divergence_reason(run_dir: Path) -> str:
 
 
 def train_one(plan: Plan, method: str, seed: int, corpus, out: Path, *, resume: bool,
-              keep_checkpoints: bool, progress: bool) -> dict[str, Any]:
+              keep_checkpoints: bool, progress: bool, fingerprint: str = "") -> dict[str, Any]:
     """Train (or continue) one method x seed and return its results.json row.
 
     A non-finite loss (the trainer stops there) or an error raised while training marks
@@ -458,13 +471,14 @@ def train_one(plan: Plan, method: str, seed: int, corpus, out: Path, *, resume: 
         print(f"moebal compare: {method} seed {seed} diverged at step {result.diverged_step}; "
               "going on with the others", file=sys.stderr)
     row = run_record(method, seed, run_dir, out, result, failure)
-    atomic_write_json(record_file, row)
+    atomic_write_json(record_file, {**row, "fingerprint": fingerprint})
     if not keep_checkpoints:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return row
 
 
-def _read_finished(run_dir: Path, method: str, seed: int) -> Optional[dict]:
+def _recorded(run_dir: Path) -> Optional[dict]:
+    """The row a finished run wrote to its run.json (with its fingerprint), else None."""
     import json
 
     file = run_dir / RUN_RECORD
@@ -474,9 +488,7 @@ def _read_finished(run_dir: Path, method: str, seed: int) -> Optional[dict]:
         row = json.loads(file.read_text())
     except json.JSONDecodeError:
         return None
-    if row.get("method") != method or row.get("seed") != seed:
-        return None
-    return row
+    return row if isinstance(row, dict) else None
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -550,7 +562,14 @@ def run_comparison(
     try:
         for i, (method, seed) in enumerate(todo, 1):
             run_dir = out / "runs" / method / f"seed{seed}"
-            row = _read_finished(run_dir, method, seed) if resume else None
+            fingerprint = run_fingerprint(config, method)
+            recorded = _recorded(run_dir)
+            mine = recorded is not None and (
+                recorded.get("method"), recorded.get("seed"), recorded.get("fingerprint")
+            ) == (method, seed, fingerprint)
+            row = None
+            if resume and mine:
+                row = {k: v for k, v in recorded.items() if k != "fingerprint"}
             if row is not None:
                 if progress:
                     print(f"[{i}/{len(todo)}] {method} seed {seed}: finished earlier "
@@ -561,8 +580,12 @@ def run_comparison(
                     print(f"[{i}/{len(todo)}] {method} seed {seed}"
                           + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""),
                           file=sys.stderr)
-                row = train_one(plan, method, seed, corpus, out, resume=resume,
-                                keep_checkpoints=keep_checkpoints, progress=progress)
+                # a folder finished by another experiment (left by --force) starts afresh;
+                # one without a record is this experiment's interrupted run: continue it
+                row = train_one(plan, method, seed, corpus, out,
+                                resume=resume and recorded is None,
+                                keep_checkpoints=keep_checkpoints, progress=progress,
+                                fingerprint=fingerprint)
             if "params" in row:
                 config.setdefault("params_total", row["params"])
                 config.setdefault("params_active", row["active_params"])
