@@ -167,6 +167,8 @@ def test_bad_inputs_raise():
     model = MoEModel(small_config())
     with pytest.raises(ValueError, match="seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(1, 8))
     with pytest.raises(ValueError, match="targets shape"):
@@ -327,3 +329,16 @@ def test_bfloat16_autocast_runs_the_grouped_path_close_to_float32():
     y.sum().backward()
     assert layer.experts.w1_EDF.grad.dtype == torch.float32
     assert torch.isfinite(layer.experts.w1_EDF.grad).all()
+
+
+def test_float32_takes_grouped_mm_not_the_padded_fallback(monkeypatch):
+    import moebal.model.experts as experts_module
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("padded_bmm fallback used for an aligned float32 layer")
+
+    monkeypatch.setattr(experts_module, "padded_bmm", no_fallback)
+    layer = MoELayer(small_config())
+    x_TD = torch.randn(20, 32, requires_grad=True)
+    layer(x_TD).square().sum().backward()
+    assert layer.experts.w2_EFD.grad is not None

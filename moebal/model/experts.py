@@ -113,68 +113,6 @@ def grouped_matmul(
     return padded_bmm(x_ND, w_EXY, counts_E)
 
 
-def _gmm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return _GROUPED_MM(a, b, offs=offsets_E)
-
-
-class _SortedSwiGLU(torch.autograd.Function):
-    """Gather rows by expert, grouped SwiGLU, gate-weighted scatter-add back; one node.
-
-    Written out so that forward and backward are the nine grouped matmuls plus the fewest
-    row gathers and elementwise passes: silu(h1) is kept from the forward, the output rows
-    are scaled in place, and the backward reuses its buffers in place. On a CPU every fresh
-    large tensor costs page faults, so fewer temporaries is most of the speed.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, w1_EDF, w3_EDF, w2_EFD, weights_TK, slot_N, offsets_E):
-        T, D = x_TD.shape
-        K = weights_TK.shape[1]
-        token_N = torch.div(slot_N, K, rounding_mode="floor")
-        weight_N1 = weights_TK.reshape(-1).index_select(0, slot_N).unsqueeze(1)
-
-        x_ND = x_TD.index_select(0, token_N)
-        h1_NF = _gmm(x_ND, w1_EDF, offsets_E)
-        h3_NF = _gmm(x_ND, w3_EDF, offsets_E)
-        s1_NF = F.silu(h1_NF)
-        a_NF = s1_NF * h3_NF
-        y_ND = _gmm(a_NF, w2_EFD, offsets_E).mul_(weight_N1)
-        out_TD = x_TD.new_zeros(T, D).index_add_(0, token_N, y_ND)
-
-        ctx.save_for_backward(x_ND, h1_NF, h3_NF, s1_NF, a_NF, weight_N1,
-                              w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, offsets_E)
-        ctx.top_k = K
-        return out_TD
-
-    @staticmethod
-    def backward(ctx, g_TD):
-        (x_ND, h1_NF, h3_NF, s1_NF, a_NF, weight_N1,
-         w1_EDF, w3_EDF, w2_EFD, slot_N, token_N, offsets_E) = ctx.saved_tensors
-        T, D = g_TD.shape
-        K = ctx.top_k
-        g_ND = g_TD.contiguous().index_select(0, token_N)
-
-        # y = weight * (a @ w2): d/dweight = <g, a @ w2> = <g @ w2^T, a>
-        grad_a_NF = _gmm(g_ND, w2_EFD.transpose(1, 2), offsets_E)  # still unweighted
-        grad_weights_TK = None
-        if ctx.needs_input_grad[4]:
-            grad_weight_N = torch.linalg.vecdot(grad_a_NF, a_NF)
-            grad_weights_TK = grad_weight_N.new_zeros(T * K).index_copy_(
-                0, slot_N, grad_weight_N).view(T, K)  # dropped slots: 0
-        grad_a_NF.mul_(weight_N1)
-        grad_w2 = _gmm(a_NF.t(), g_ND.mul_(weight_N1), offsets_E)  # [E, F, D]
-
-        grad_h3_NF = grad_a_NF * s1_NF
-        grad_h1_NF = grad_a_NF.mul_(h3_NF)
-        torch.ops.aten.silu_backward.grad_input(grad_h1_NF, h1_NF, grad_input=grad_h1_NF)
-        grad_w1 = _gmm(x_ND.t(), grad_h1_NF, offsets_E)  # [E, D, F]
-        grad_w3 = _gmm(x_ND.t(), grad_h3_NF, offsets_E)
-        grad_x_ND = _gmm(grad_h1_NF, w1_EDF.transpose(1, 2), offsets_E)
-        grad_x_ND += _gmm(grad_h3_NF, w3_EDF.transpose(1, 2), offsets_E)
-        grad_x_TD = grad_x_ND.new_zeros(T, D).index_add_(0, token_N, grad_x_ND)
-        return grad_x_TD, grad_w1, grad_w3, grad_w2, grad_weights_TK, None, None
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts, ``y = (silu(x @ w1) * (x @ w3)) @ w2``, as grouped matmuls.
 
@@ -211,24 +149,18 @@ class GroupedExperts(nn.Module):
         T, D = x_TD.shape
         K = routing.indices_TK.shape[1]
         expert_S = routing.indices_TK.reshape(-1)  # S = T*K slots, token-major
-        kept_S = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)  # all when dropless
-        slot_N = kept_S[torch.argsort(expert_S[kept_S], stable=True)]  # kept slots by expert
+        if bool(routing.kept_TK.all()):  # dropless
+            slot_N = torch.argsort(expert_S, stable=True)
+        else:  # capacity dropped some slots: sort only the kept ones
+            kept_S = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
+            slot_N = kept_S[torch.argsort(expert_S[kept_S], stable=True)]
         counts_E = torch.bincount(expert_S[slot_N], minlength=self.num_experts)
-
-        x_cast, w1, w3, w2 = _compute_dtype(x_TD, self.w1_EDF, self.w3_EDF, self.w2_EFD)
-        weights_TK = routing.weights_TK.to(x_cast.dtype)
-        if _use_grouped_mm(x_cast, w1, w3, w2):
-            offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            with torch.autocast(x_TD.device.type, enabled=False):
-                out_TD = _SortedSwiGLU.apply(x_cast, w1, w3, w2, weights_TK, slot_N, offsets_E)
-            return out_TD.to(x_TD.dtype)
-
-        # fallback: plain autograd through grouped_matmul (grouped_mm or padded bmm)
         token_N = torch.div(slot_N, K, rounding_mode="floor")
+
         y_ND = self.run_sorted(x_TD.index_select(0, token_N), counts_E)
-        y_ND = y_ND * routing.weights_TK.reshape(-1)[slot_N].unsqueeze(1).to(y_ND.dtype)
-        out_TD = torch.zeros(T, D, dtype=y_ND.dtype, device=x_TD.device)
-        return out_TD.index_add_(0, token_N, y_ND).to(x_TD.dtype)
+        y_ND = y_ND * routing.weights_TK.reshape(-1)[slot_N].to(y_ND.dtype).unsqueeze(1)
+        out_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND)
+        return out_TD.to(x_TD.dtype)
 
 
 __all__ = ["GroupedExperts", "grouped_matmul", "grouped_mm_works", "padded_bmm"]

@@ -224,8 +224,10 @@ class MoEModel(nn.Module):
     ) -> ModelOutput:
         self._check_tokens("tokens", tokens_BS)
         B, S = tokens_BS.shape
-        if S > self.config.seq_len:
-            raise ValueError(f"sequence length {S} exceeds the model's seq_len={self.config.seq_len}")
+        if not 1 <= S <= self.config.seq_len:
+            raise ValueError(
+                f"sequence length {S} is not in 1..seq_len={self.config.seq_len}"
+            )
         if targets_BS is not None:
             self._check_tokens("targets", targets_BS)
             if targets_BS.shape != tokens_BS.shape:

@@ -2,6 +2,8 @@
 
 - ``micro``: the tests' preset, a couple of seconds on a CPU.
 - ``tiny``: the demo, about a minute on 2 CPU cores.
+  Both run torch on one thread: their matrices are too small to gain from a second one,
+  and on a busy machine a second thread makes every product wait for the slower one.
 - ``small``: the evening comparison on a CPU (also fine on a GPU).
 - ``paper-16e`` / ``paper-64e``: shaped after the BIP paper's 16-expert (0.3B) and
   64-expert (1.1B) MiniMind-based models, for GPU users.
@@ -42,14 +44,14 @@ PRESETS: dict[str, Preset] = {
             dict(vocab_size=512, seq_len=32, d_model=32, n_layers=2, n_heads=2,
                  num_experts=4, top_k=2, expert_hidden=32),
             dict(steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup=5, eval_every=10,
-                 eval_batches=2),
+                 eval_batches=2, threads=1),
         ),
         _preset(
             "tiny", "demo: 4 layers, d 128, 8 experts top-2; about a minute on 2 CPU cores",
             dict(vocab_size=4096, seq_len=128, d_model=128, n_layers=4, n_heads=4,
                  num_experts=8, top_k=2, expert_hidden=128),
             dict(steps=200, batch_size=8, lr=2e-3, min_lr=2e-4, warmup=20, eval_every=50,
-                 eval_batches=8),
+                 eval_batches=8, threads=1),
         ),
         _preset(
             "small", "evening comparison: 4 layers, d 256, 16 experts top-2, 4.1M tokens",
