@@ -18,6 +18,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("report",): ("moebal.report.command", "regenerate a comparison's report from its run folder"),
     ("train",): ("moebal.train.cli", "train the MoE language model under one balancer"),
     ("bench", "moe-layer"): ("moebal.bench.moe_layer", "time an MoE layer against a dense FFN"),
+    ("demo",): ("moebal.demo", "route a skewed stream with every balancer, print MaxVio"),
+    ("bench", "router"): ("moebal.bench.router", "time every balancer against plain top-k"),
 }
 
 

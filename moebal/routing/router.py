@@ -42,6 +42,7 @@ class RouterConfig:
     bias_update_rate        u of the loss-free expert bias.
     bias_update             "sign" (the paper's) or "proportional".
     bip_iters               T_iter: alternating dual iterations per batch of the BIP balancer.
+    bip_warmup_iters        iterations of the BIP balancer's first update (from q = 0).
     bip_order               "paper" (update q on the batch, then route it) or "causal"
                             (route with the previous q, then update it from the batch).
     bip_pin_q               after each q update subtract min_j q_j (keeps the dual on the
@@ -67,7 +68,8 @@ class RouterConfig:
     z_loss_coeff: float = 0.0
     bias_update_rate: float = 1e-3
     bias_update: str = "sign"
-    bip_iters: int = 4
+    bip_iters: int = 2
+    bip_warmup_iters: int = 32
     bip_order: str = "paper"
     bip_pin_q: bool = True
     quantile_ema: float = 0.0
@@ -115,7 +117,7 @@ class RouterConfig:
             )
         if self.bip_order not in BIP_ORDERS:
             raise ValueError(f"bip_order must be one of {BIP_ORDERS}, got {self.bip_order!r}")
-        for name in ("bip_iters", "sinkhorn_iters"):
+        for name in ("bip_iters", "bip_warmup_iters", "sinkhorn_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -45,6 +45,29 @@ def bip_dual_iterations(
     return q_E
 
 
+def bip_route(
+    scores_TE: torch.Tensor,
+    q_E: torch.Tensor,
+    top_k: int,
+    iters: int,
+    pin_q: bool = True,
+    order: str = "paper",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of the BIP balancer: ``(indices_TK, new q)``.
+
+    ``order="paper"``: :func:`bip_dual_iterations` from ``q_E``, then route by the top-k
+    of ``s - q_new``. ``order="causal"``: route by the top-k of ``s - q_E``; the same
+    top-(k+1) gives the first iteration's p, then the iterations run as usual.
+    """
+    if order == "paper":
+        q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q)
+        return topk_indices(scores_TE - q_E, top_k), q_E
+    values, indices = torch.topk(scores_TE - q_E, top_k + 1, dim=1, sorted=True)
+    p_T = values[:, top_k].clamp_min(0.0)
+    q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q, p_T=p_T)
+    return indices[:, :top_k], q_E
+
+
 @register_balancer("bip")
 class BIPBalancer(Balancer):
     """Route token i to the top-k of ``s_ij - q_j``, q the expert prices of the batch's BIP.
@@ -58,6 +81,10 @@ class BIPBalancer(Balancer):
     - ``bip_order="causal"``: route the batch with the q left by earlier batches, then
       update q from it. A token's route depends only on earlier batches.
 
+    The first update (q never updated yet: at initialisation) runs
+    ``config.bip_warmup_iters`` iterations instead, so that the start from q = 0 does not
+    leave the first batches unbalanced; later batches start from the previous batch's q.
+
     In ``eval()`` q is not updated: every batch is routed with the stored q, in either
     order. Gate weights are the unbiased scores (the router's rule). The update runs in
     the forward pass, per batch; ``step()`` has nothing to do.
@@ -69,6 +96,17 @@ class BIPBalancer(Balancer):
         super().__init__(config)
         self.register_buffer("q_E", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self._updated: Optional[bool] = None  # cached num_updates > 0 (no sync per batch)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updated = None
+
+    def _iters(self) -> int:
+        """``bip_iters``, or ``bip_warmup_iters`` while q has never been updated."""
+        if self._updated is None:
+            self._updated = bool(self.num_updates > 0)
+        return self.config.bip_iters if self._updated else self.config.bip_warmup_iters
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         cfg = self.config
@@ -76,16 +114,11 @@ class BIPBalancer(Balancer):
         q_E = self.q_E.to(s_TE.dtype)
         if not self.training or top_k >= s_TE.shape[1]:
             return topk_indices(s_TE - q_E, top_k)
-        if cfg.bip_order == "paper":
-            q_E = bip_dual_iterations(s_TE, q_E, top_k, cfg.bip_iters, cfg.bip_pin_q)
-            indices_TK = topk_indices(s_TE - q_E, top_k)
-        else:
-            # one top-(k+1) gives both the route and the first p update
-            values, indices = torch.topk(s_TE - q_E, top_k + 1, dim=1, sorted=True)
-            indices_TK = indices[:, :top_k]
-            p_T = values[:, top_k].clamp_min(0.0)
-            q_E = bip_dual_iterations(s_TE, q_E, top_k, cfg.bip_iters, cfg.bip_pin_q, p_T=p_T)
+        indices_TK, q_E = bip_route(
+            s_TE, q_E, top_k, self._iters(), cfg.bip_pin_q, cfg.bip_order
+        )
         with torch.no_grad():
             self.q_E.copy_(q_E)
             self.num_updates.add_(1)
+        self._updated = True
         return indices_TK

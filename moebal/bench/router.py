@@ -1,0 +1,178 @@
+"""Time every balancer against plain softmax + top-k, as ratios within one run.
+
+For each size (tokens, experts, top-k) the same skewed float32 logits go through plain
+``torch.topk(torch.softmax(logits), k)`` (the baseline) and through a training-mode
+``Router`` of every balancer, forward plus ``Router.step()``. The methods are interleaved
+(each repeat times every method once, in a shuffled order) so that load on a shared
+machine falls on all of them alike; the table gives each method's median time and its
+ratio to the baseline's median. The logits do not require grad: this is the routing
+decision's cost, not the backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from moebal.demo import skewed_stream
+from moebal.routing import BALANCERS, Router, RouterConfig
+
+DEFAULT_SIZES = ((16384, 64, 8), (16384, 16, 2))
+# ratio targets of the issue (at the balancers' default settings)
+TARGETS = {"loss_free": 1.1, "aux_loss": 1.2, "quantile": 1.5, "bip": 2.0}
+BASELINE = "softmax+topk"
+
+
+def _parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        T, E, K = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be TOKENSxEXPERTSxTOPK, got {text!r}")
+    if T < 1 or E < 1 or not 1 <= K <= E:
+        raise argparse.ArgumentTypeError(f"size {text!r} needs tokens, experts >= 1, 1 <= top-k <= experts")
+    return T, E, K
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", nargs="+", type=_parse_size, default=None,
+                        metavar="TxExK", help="sizes, e.g. 16384x64x8 (default: 16384x64x8 16384x16x2)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per method first")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--balancers", nargs="+", default=None, metavar="NAME",
+                        help="balancers to time (default: all but optimal)")
+    parser.add_argument("--optimal-repeats", type=int, default=3,
+                        help="timed calls of the exact optimum, run separately at the "
+                             "smallest size (0 = skip it)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: CPU time of the calling thread, which "
+                             "load from other processes does not inflate (needs --threads 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _router_call(router: Router) -> Callable[[torch.Tensor], Any]:
+    def call(logits_TE: torch.Tensor) -> Any:
+        out = router(logits_TE)
+        router.step()
+        return out
+
+    return call
+
+
+def _baseline(top_k: int) -> Callable[[torch.Tensor], Any]:
+    def call(logits_TE: torch.Tensor) -> Any:
+        return torch.topk(torch.softmax(logits_TE, dim=-1), top_k, dim=-1)
+
+    return call
+
+
+def time_methods(
+    methods: dict[str, Callable[[torch.Tensor], Any]],
+    batches: Sequence[torch.Tensor],
+    repeats: int,
+    warmup: int,
+    seed: int = 0,
+    progress: Optional[tqdm] = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds of each call of each method; methods interleaved in a shuffled order."""
+    rng = random.Random(seed)
+    names = list(methods)
+    for r in range(warmup):
+        for name in names:
+            methods[name](batches[r % len(batches)])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        rng.shuffle(names)
+        batch = batches[r % len(batches)]
+        for name in names:
+            start = clock()
+            methods[name](batch)
+            times[name].append(clock() - start)
+        if progress is not None:
+            progress.update(1)
+    return times
+
+
+def bench_size(
+    tokens: int, experts: int, top_k: int, balancers: Sequence[str], repeats: int,
+    warmup: int, seed: int, progress: Optional[tqdm] = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict[str, Any]]:
+    batches = list(skewed_stream(8, tokens, experts, skew=2.0, seed=seed))
+    methods: dict[str, Callable[[torch.Tensor], Any]] = {BASELINE: _baseline(top_k)}
+    for name in balancers:
+        methods[name] = _router_call(
+            Router(RouterConfig(num_experts=experts, top_k=top_k, balancer=name)).train()
+        )
+    times = time_methods(methods, batches, repeats, warmup, seed, progress, clock)
+    base = statistics.median(times[BASELINE])
+    rows = []
+    for name in methods:
+        med = statistics.median(times[name])
+        rows.append({
+            "tokens": tokens, "experts": experts, "top_k": top_k, "method": name,
+            "median_ms": 1e3 * med, "ratio": med / base, "target": TARGETS.get(name),
+            "repeats": len(times[name]),
+        })
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ("T x E x K", "method", "median ms", "ratio", "target")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        target = "" if r["target"] is None else f"<= {r['target']:g}x"
+        lines.append(
+            f"| {r['tokens']}x{r['experts']}x{r['top_k']} | {r['method']} | "
+            f"{r['median_ms']:.2f} | {r['ratio']:.2f}x | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1 or args.warmup < 0 or args.optimal_repeats < 0:
+        raise ValueError(
+            f"--repeats must be >= 1 and --warmup, --optimal-repeats >= 0, got "
+            f"{args.repeats}, {args.warmup}, {args.optimal_repeats}"
+        )
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError(f"--clock cpu times one thread: it needs --threads 1, got {args.threads}")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    for name in args.balancers or ():
+        if name not in BALANCERS:
+            raise ValueError(f"unknown balancer {name!r}; known: {sorted(BALANCERS)}")
+    torch.set_num_threads(args.threads)
+    sizes = args.sizes or list(DEFAULT_SIZES)
+    balancers = args.balancers or [n for n in BALANCERS if n != "optimal"]
+    show = not args.json and sys.stderr.isatty()
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(sizes) * args.repeats, desc="bench router", disable=not show) as bar:
+        for T, E, K in sizes:
+            rows += bench_size(
+                T, E, K, balancers, args.repeats, args.warmup, args.seed, bar, clock
+            )
+    if args.optimal_repeats and args.balancers is None:
+        # the exact optimum is a reference: timed on its own, at the smallest size
+        T, E, K = min(sizes, key=lambda s: s[0] * s[1] * s[2])
+        rows += bench_size(T, E, K, ["optimal"], args.optimal_repeats, 1, args.seed, None, clock)
+    setup = {"threads": torch.get_num_threads(), "repeats": args.repeats, "clock": args.clock,
+             "torch": torch.__version__, "dtype": "float32"}
+    if args.json:
+        print(json.dumps({"setup": setup, "results": rows}, indent=2))
+    else:
+        print(f"router time vs plain softmax+topk, float32, {setup['threads']} threads, "
+              f"{args.clock} clock, median of {args.repeats} interleaved repeats")
+        print(format_table(rows))
+    return 0
