@@ -51,7 +51,6 @@ def _plan(text_file, balancers="none,aux_loss", steps=6, **kw):
                      command="test", **kw)
 
 
-@pytest.mark.slow  # builds the corpus, trains twice and draws every plot: ~10 s on 2 cores
 def test_compare_two_balancers_end_to_end(tmp_path, text_file, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--balancers", "none,aux_loss", "--data", text_file,
