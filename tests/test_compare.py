@@ -51,7 +51,6 @@ def _plan(text_file, balancers="none,aux_loss", steps=6, **kw):
                      command="test", **kw)
 
 
-@pytest.mark.slow  # builds the corpus, trains twice and draws every plot: ~10 s on 2 cores
 def test_compare_two_balancers_end_to_end(tmp_path, text_file, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--balancers", "none,aux_loss", "--data", text_file,
@@ -97,19 +96,25 @@ def test_unknown_balancer_is_refused_before_training(tmp_path, text_file, capsys
 
 def test_foreign_output_folder_is_refused(tmp_path, text_file):
     out = tmp_path / "cmp"
-    run_comparison(_plan(text_file, balancers="none"), out, progress=False, report=False)
+    run_comparison(_plan(text_file), out, progress=False, report=False)  # none, aux_loss
     before = (out / "results.json").read_text()
     other = _plan(text_file, balancers="none", steps=5)
     with pytest.raises(ValueError, match="another experiment.*steps"):
         run_comparison(other, out, progress=False, report=False)
     with pytest.raises(ValueError, match="another experiment"):
         run_comparison(other, out, resume=True, progress=False, report=False)
-    same = _plan(text_file, balancers="none")
+    with pytest.raises(ValueError, match="another experiment.*aux_loss options"):
+        run_comparison(_plan(text_file, balancer_options=["aux_loss.aux_loss_coeff=0.1"]), out,
+                       resume=True, progress=False, report=False)
     with pytest.raises(ValueError, match="already holds this comparison.*--resume"):
-        run_comparison(same, out, progress=False, report=False)
+        run_comparison(_plan(text_file), out, progress=False, report=False)
     assert (out / "results.json").read_text() == before  # refusals change nothing
     results = run_comparison(other, out, force=True, progress=False, report=False)
     assert results["config"]["steps"] == 5 and results["runs"][0]["steps"] == 5
+    # aux_loss's folder still holds the first experiment's finished run: never reused
+    results = run_comparison(_plan(text_file, steps=5), out, resume=True, progress=False,
+                             report=False)
+    assert [(r["method"], r["steps"]) for r in results["runs"]] == [("none", 5), ("aux_loss", 5)]
 
 
 def test_resume_reuses_finished_runs_and_trains_the_rest(tmp_path, text_file, monkeypatch):
@@ -126,17 +131,21 @@ def test_resume_reuses_finished_runs_and_trains_the_rest(tmp_path, text_file, mo
         return real_train(model_cfg, *a, **kw)
 
     monkeypatch.setattr(train_mod, "train", interrupted)
+    methods = "loss_free,aux_loss"
     with pytest.raises(KeyboardInterrupt):
-        run_comparison(_plan(text_file), out, progress=False, report=False)
+        run_comparison(_plan(text_file, methods), out, progress=False, report=False)
     first = load_results(out)
-    assert [r["method"] for r in first["runs"]] == ["none"]
+    assert [r["method"] for r in first["runs"]] == ["loss_free"]
+    with pytest.raises(ValueError, match="--resume"):  # no silent restart
+        run_comparison(_plan(text_file, methods), out, progress=False, report=False)
 
     calls.clear()
     monkeypatch.setattr(train_mod, "train", lambda cfg, *a, **kw: (calls.append(cfg.balancer),
                                                                    real_train(cfg, *a, **kw))[1])
-    results = run_comparison(_plan(text_file), out, resume=True, progress=False, report=False)
+    results = run_comparison(_plan(text_file, methods), out, resume=True, progress=False,
+                             report=False)
     assert calls == ["aux_loss"]  # the finished run was read back, not trained again
-    assert [r["method"] for r in results["runs"]] == ["none", "aux_loss"]
+    assert [r["method"] for r in results["runs"]] == ["loss_free", "aux_loss"]
     assert results["runs"][0] == first["runs"][0]
 
 

@@ -221,3 +221,12 @@ def test_report_command_refuses_a_folder_without_results(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_time_claim_is_within_noise_on_a_busy_machine_with_one_seed():
+    summaries = summarize(_results([_run("bip", 0, 10, time_s=8.0), _run("aux_loss", 0, 10, time_s=10.0)]))
+    quiet = {c.key: c for c in check_claims(summaries, {"cpu_count": 2, "load_average_at_start": 1.0})}
+    assert quiet["bip_time"].verdict == SUPPORTED
+    busy = {c.key: c for c in check_claims(summaries, {"cpu_count": 2, "load_average_at_start": 7.5})}
+    assert busy["bip_time"].verdict == WITHIN_NOISE
+    assert "load average up to 7.5 on 2" in busy["bip_time"].evidence

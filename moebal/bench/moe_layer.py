@@ -16,9 +16,11 @@ Shapes: ``tiny`` is the tiny training preset's FFN (batch_size x seq_len tokens)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -71,6 +73,25 @@ def cases(names: list[str], balancer: str, router_options: dict[str, Any]) -> li
         )
         out.append(case)
     return out
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (Linux only).
+
+    By default glibc serves large blocks with fresh mmaps and gives freed heap tops back to
+    the OS, so every new large tensor is page-faulted in again. Raising the trim threshold
+    to 1 GiB and fixing the mmap threshold at its 32 MiB maximum keeps that memory in the
+    heap. Process-wide, for both layers alike. Returns whether glibc took both settings.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
 def _sync(device: torch.device) -> None:
@@ -212,6 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
                         help="also print the MoE layer's top operators (torch.profiler)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="keep freed memory in glibc's heap (mallopt) so that large "
+                             "tensors are not page-faulted in afresh (Linux)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -225,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    keep_heap = keep_freed_memory() if args.keep_heap else False
+    if args.keep_heap and not keep_heap:
+        print("moebal: --keep-heap: glibc malloc settings not available here", file=sys.stderr)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r}: CUDA is not available")
@@ -236,13 +263,15 @@ def run(args: argparse.Namespace) -> int:
     ]
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": str(device), "dtype": args.dtype or "float32",
-            "repeats": args.repeats, "load_average": list(os.getloadavg())}
+            "repeats": args.repeats, "load_average": list(os.getloadavg()),
+            "keep_heap": keep_heap}
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return 0
     print(f"MoE layer vs dense SwiGLU FFN, forward+backward, median of {args.repeats} "
           f"interleaved repeats (torch {meta['torch']}, {meta['threads']} threads, "
-          f"{meta['device']}, {meta['dtype']}, balancer {args.balancer})")
+          f"{meta['device']}, {meta['dtype']}, balancer {args.balancer}"
+          f"{', heap kept' if keep_heap else ''})")
     print(format_table(results))
     print(f"ratio = median over repeats of MoE time / dense time (wall clock); CPU-time "
           f"ratio likewise with process CPU time. Load average at the end: "

@@ -69,6 +69,13 @@ RELEVANT_OPTIONS: dict[str, tuple[str, ...]] = {
     "optimal": (),
 }
 
+# CPU threads per training run unless --set threads=N says otherwise. On the shared 2-core
+# machine the tiny preset ran 19x slower per step with two threads than with one (15 steps:
+# 176 s vs 9.2 s, load average 12; two threads with OMP_WAIT_POLICY=PASSIVE: 17.9 s): two
+# OpenMP threads contending with other work stall each other. One thread is the robust
+# default; --set threads=0 leaves torch's own choice.
+CPU_THREADS = 1
+
 RUN_RECORD = "run.json"
 MAX_SERIES_POINTS = 4000  # per-step series longer than this are thinned (every k-th step)
 SNAPSHOT_FRACTIONS = (0.0, 0.1, 0.5, 1.0)  # load snapshots: first step, 10%, half, last
@@ -192,6 +199,9 @@ def make_plan(
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     resolved = resolve_device(device).type
+    user_threads = any(o.split("=", 1)[0].strip().replace("-", "_") == "threads" for o in overrides)
+    if resolved == "cpu" and not user_threads:
+        train_cfg = dataclasses.replace(train_cfg, threads=CPU_THREADS)
     options = parse_balancer_options(balancer_options, names, model_cfg.router_options)
     # building every method's config validates its router options now, not mid-comparison
     plan = Plan(preset, names, list(range(seeds)), model_cfg, train_cfg, options,
@@ -209,7 +219,7 @@ def make_plan(
 # --------------------------------------------------------------------------- identity
 def experiment_config(plan: Plan, corpus) -> dict[str, Any]:
     """The ``config`` block of results.json."""
-    model = plan.model_config("none").to_dict()
+    model = plan.model.to_dict()  # what every method shares; their options are separate
     model["vocab_size"] = corpus.vocab_size
     model.pop("balancer")
     train = plan.train_config(0).to_dict()
@@ -270,6 +280,19 @@ def config_differences(old: dict, new: dict) -> list[str]:
                 f"{m} options: {old['balancer_options'][m]!r} != {new['balancer_options'][m]!r}"
             )
     return problems
+
+
+def run_fingerprint(config: dict, method: str) -> str:
+    """What a finished run must share with the comparison that reuses it: everything in
+    ``config`` that :func:`config_differences` compares, and this method's options."""
+    import hashlib
+    import json
+
+    key = {k: v for k, v in config.items() if k not in _FREE_KEYS and k != "train"}
+    key["train"] = {k: v for k, v in config.get("train", {}).items() if k not in _FREE_TRAIN}
+    key["options"] = config.get("balancer_options", {}).get(method, {})
+    text = json.dumps(json_clean(key), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_out_dir(out: Path, config: dict, resume: bool, force: bool) -> Optional[dict]:
@@ -420,7 +443,7 @@ def _divergence_reason(run_dir: Path) -> str:
 
 
 def train_one(plan: Plan, method: str, seed: int, corpus, out: Path, *, resume: bool,
-              keep_checkpoints: bool, progress: bool) -> dict[str, Any]:
+              keep_checkpoints: bool, progress: bool, fingerprint: str = "") -> dict[str, Any]:
     """Train (or continue) one method x seed and return its results.json row.
 
     A non-finite loss (the trainer stops there) or an error raised while training marks
@@ -448,13 +471,14 @@ def train_one(plan: Plan, method: str, seed: int, corpus, out: Path, *, resume: 
         print(f"moebal compare: {method} seed {seed} diverged at step {result.diverged_step}; "
               "going on with the others", file=sys.stderr)
     row = run_record(method, seed, run_dir, out, result, failure)
-    atomic_write_json(record_file, row)
+    atomic_write_json(record_file, {**row, "fingerprint": fingerprint})
     if not keep_checkpoints:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return row
 
 
-def _read_finished(run_dir: Path, method: str, seed: int) -> Optional[dict]:
+def _recorded(run_dir: Path) -> Optional[dict]:
+    """The row a finished run wrote to its run.json (with its fingerprint), else None."""
     import json
 
     file = run_dir / RUN_RECORD
@@ -464,13 +488,11 @@ def _read_finished(run_dir: Path, method: str, seed: int) -> Optional[dict]:
         row = json.loads(file.read_text())
     except json.JSONDecodeError:
         return None
-    if row.get("method") != method or row.get("seed") != seed:
-        return None
-    return row
+    return row if isinstance(row, dict) else None
 
 
 # --------------------------------------------------------------------------- the comparison
-def environment(device: str) -> dict[str, Any]:
+def environment(device: str, threads: int = 0) -> dict[str, Any]:
     import torch
 
     env = {
@@ -479,11 +501,13 @@ def environment(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "device": device,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads or torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):  # other work on the machine makes timings noisy
+        env["load_average_at_start"] = round(os.getloadavg()[0], 2)
     return env
 
 
@@ -521,12 +545,14 @@ def run_comparison(
         "created_at": previous.get("created_at") if previous else _now(),
         "updated_at": _now(),
         "config": config,
-        "environment": environment(plan.device),
+        "environment": environment(plan.device, plan.train.threads),
         "runs": [],
     }
 
     def save() -> None:
         results["updated_at"] = _now()
+        if hasattr(os, "getloadavg"):
+            results["environment"]["load_average_at_last_update"] = round(os.getloadavg()[0], 2)
         order = {key: i for i, key in enumerate(plan.runs())}
         results["runs"].sort(key=lambda r: order.get((r["method"], r["seed"]), len(order)))
         atomic_write_json(out / RESULTS_FILE, results)
@@ -536,7 +562,14 @@ def run_comparison(
     try:
         for i, (method, seed) in enumerate(todo, 1):
             run_dir = out / "runs" / method / f"seed{seed}"
-            row = _read_finished(run_dir, method, seed) if resume else None
+            fingerprint = run_fingerprint(config, method)
+            recorded = _recorded(run_dir)
+            mine = recorded is not None and (
+                recorded.get("method"), recorded.get("seed"), recorded.get("fingerprint")
+            ) == (method, seed, fingerprint)
+            row = None
+            if resume and mine:
+                row = {k: v for k, v in recorded.items() if k != "fingerprint"}
             if row is not None:
                 if progress:
                     print(f"[{i}/{len(todo)}] {method} seed {seed}: finished earlier "
@@ -547,8 +580,12 @@ def run_comparison(
                     print(f"[{i}/{len(todo)}] {method} seed {seed}"
                           + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""),
                           file=sys.stderr)
-                row = train_one(plan, method, seed, corpus, out, resume=resume,
-                                keep_checkpoints=keep_checkpoints, progress=progress)
+                # a folder finished by another experiment (left by --force) starts afresh;
+                # one without a record is this experiment's interrupted run: continue it
+                row = train_one(plan, method, seed, corpus, out,
+                                resume=resume and recorded is None,
+                                keep_checkpoints=keep_checkpoints, progress=progress,
+                                fingerprint=fingerprint)
             if "params" in row:
                 config.setdefault("params_total", row["params"])
                 config.setdefault("params_active", row["active_params"])

@@ -251,7 +251,8 @@ def build_document(results: dict, plots: dict[str, bytes]) -> list[Block]:
         ))
 
     blocks.append(Heading(2, "What this run says about the papers' claims"))
-    blocks.append(Bullets([_claim_item(c) for c in check_claims(summaries)]))
+    claims = check_claims(summaries, results.get("environment"))
+    blocks.append(Bullets([_claim_item(c) for c in claims]))
     blocks.append(Para(
         f"Rules: a batch is *balanced* when its MaxVio ≤ {BALANCED_MAXVIO}; *far lower* "
         f"MaxVio_global means at most {FAR_LOWER_RATIO}× the other's; a perplexity gap counts "

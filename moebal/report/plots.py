@@ -212,7 +212,8 @@ def plot_load_heatmaps(summaries: list[MethodSummary], max_steps: int = 4) -> Op
     cell_w = max(1.6, min(3.2, 0.16 * E))
     cell_h = max(0.6, min(2.0, 0.3 * L + 0.3))
     fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(cell_w * n_cols + 1.8, cell_h * n_rows + 0.8), squeeze=False
+        n_rows, n_cols, figsize=(cell_w * n_cols + 1.8, cell_h * n_rows + 0.8), squeeze=False,
+        layout="constrained",
     )
     image = None
     for i, (s, run) in enumerate(rows):
@@ -233,7 +234,7 @@ def plot_load_heatmaps(summaries: list[MethodSummary], max_steps: int = 4) -> Op
             if i == n_rows - 1:
                 ax.set_xlabel("expert", fontsize=8)
     if image is not None:
-        cbar = fig.colorbar(image, ax=axes, shrink=0.8, pad=0.02)
+        cbar = fig.colorbar(image, ax=axes, shrink=0.8)
         cbar.set_label("load / ideal load", fontsize=8)
     fig.suptitle("Tokens per expert, per MoE layer (blue: under-, red: over-loaded)", fontsize=10)
     return _png(fig)

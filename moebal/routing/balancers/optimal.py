@@ -117,30 +117,29 @@ def optimal_routing_lp(
     return torch.from_numpy(cols.astype(np.int64)).to(device)
 
 
-def _edge_costs(
-    s_NE: torch.Tensor, x_NE: torch.Tensor, chunk: int = 1 << 22
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _edge_costs(s_NE: torch.Tensor, x_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cheapest single move between each pair of experts, and the token that makes it.
 
     Moving token i from expert a (``x_ia``) to expert b (``not x_ib``) loses ``s_ia - s_ib``
     of score. Returns ``w_EE[a, b]`` (the least such loss, inf if no token can move) and
-    ``tok_EE[a, b]`` (a token achieving it). Works on blocks of tokens of about ``chunk``
-    (token, a, b) entries at a time.
+    ``tok_EE[a, b]`` (a token achieving it). Works on the tokens grouped by the expert they
+    leave: an [E, max load, E] block rather than all [N, E, E] pairs.
     """
     N, E = s_NE.shape
-    inf = torch.tensor(float("inf"), dtype=s_NE.dtype, device=s_NE.device)
-    w_EE = torch.full((E, E), float("inf"), dtype=s_NE.dtype, device=s_NE.device)
-    tok_EE = torch.zeros((E, E), dtype=torch.int64, device=s_NE.device)
-    step = max(1, chunk // (E * E))
-    for start in range(0, N, step):
-        s_BE, x_BE = s_NE[start : start + step], x_NE[start : start + step]
-        cost_BEE = s_BE.unsqueeze(2) - s_BE.unsqueeze(1)
-        valid_BEE = x_BE.unsqueeze(2) & ~x_BE.unsqueeze(1)
-        best_EE, arg_EE = torch.where(valid_BEE, cost_BEE, inf).min(dim=0)
-        better = best_EE < w_EE
-        w_EE = torch.where(better, best_EE, w_EE)
-        tok_EE = torch.where(better, arg_EE + start, tok_EE)
-    return w_EE, tok_EE
+    tok, frm = x_NE.nonzero(as_tuple=True)
+    order = torch.argsort(frm, stable=True)
+    tok, frm = tok[order], frm[order]
+    count_E = torch.bincount(frm, minlength=E)
+    width = max(int(count_E.max()), 1)
+    pos = torch.arange(tok.numel(), device=s_NE.device) - (torch.cumsum(count_E, 0) - count_E)[frm]
+    tok_EW = torch.full((E, width), -1, dtype=torch.int64, device=s_NE.device)
+    tok_EW[frm, pos] = tok
+    safe_EW = tok_EW.clamp_min(0)
+    s_EWE = s_NE[safe_EW]
+    cost_EWE = s_EWE.gather(2, torch.arange(E, device=s_NE.device).view(E, 1, 1).expand(E, width, 1)) - s_EWE
+    blocked_EWE = x_NE[safe_EW] | (tok_EW < 0).unsqueeze(2)
+    w_EE, arg_EE = cost_EWE.masked_fill_(blocked_EWE, float("inf")).min(dim=1)
+    return w_EE, tok_EW.gather(1, arg_EE)
 
 
 def _shortest_paths(w_EE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +159,7 @@ def _shortest_paths(w_EE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist, nxt
 
 
-def optimal_routing(scores_TE: torch.Tensor, top_k: int, warm_iters: int = 20) -> torch.Tensor:
+def optimal_routing(scores_TE: torch.Tensor, top_k: int, warm_iters: int = 50) -> torch.Tensor:
     """The balanced routing of greatest total score, exactly; returns ``indices_TK``.
 
     Maximise ``sum_ij s_ij x_ij`` over ``x`` in {0,1}^{T x E} with ``sum_j x_ij = K`` for
