@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/moebal compare
+	$(VENV)/bin/moebal compare --resume
 
 test: $(STAMP)
 	$(PY) -m pytest -q
