@@ -343,11 +343,16 @@ def run(args) -> int:
         else:
             f = out["fitted"]
             print(f"fitted on {out['steps_fit']} steps, evaluated on {out['steps_eval']}:")
+            link = f"{f['intra_bw_effective'] / 1e9:.3f} GB/s"
+            if f.get("bw_resolved") is False:
+                link = f"not resolved (time does not grow with volume; kept {link})"
             print(f"  rate {f['rate_flops'] / 1e9:.2f} GFLOP/s, overhead {f['compute_overhead_s'] * 1e3:.3f} ms,"
-                  f" link {f['intra_bw_effective'] / 1e9:.3f} GB/s, latency {f['latency_s'] * 1e6:.1f} us")
+                  f" link {link}, latency {f['latency_s'] * 1e6:.1f} us")
+            base = out["baseline_mape"]
+            print("  mean abs error, model (predicting the mean of the fitted steps):")
             for k, v in out["mape"].items():
-                print(f"  {k:<11} mean abs error {_fmt(v, '.1f')}%")
-            print(f"  slowest rank per step: mean abs error {out['step_mape']:.1f}%")
+                print(f"  {k:<11} {_fmt(v, '.1f')}% ({_fmt(base[k], '.1f')}%)")
+            print(f"  slowest rank per step: {out['step_mape']:.1f}% ({base['step']:.1f}%)")
         return 0
 
     runs = []

@@ -10,7 +10,8 @@ other records without these fields are ignored)::
      "t_dispatch": 0.0031, "t_compute": 0.0120, "t_combine": 0.0029,    # seconds
      # optional:
      "tokens_sent_inter": 0, "tokens_received_inter": 0,   # the part crossing nodes
-     "n_alltoall": 4}               # all-to-all calls the times cover (default 1)
+     "n_alltoall": 4,               # all-to-all calls the times cover (default 1)
+     "t_schedule": 0.0008}          # seconds of planning inside t_dispatch (default 0)
 
 A record may instead hold one step with a list of per-rank dicts: ``{"step": 12, "ranks":
 [{...rank 0 fields...}, {...}]}``. The times of one record cover whatever its token counts
@@ -18,6 +19,13 @@ cover (e.g. all MoE layers and micro-batches of the step, forward only: then val
 ``passes="fwd"``). ``validate`` fits the model's free constants (compute rate and
 overhead, link bandwidth and latency) on the first ``fit_fraction`` of the steps, predicts
 the rest, and reports the error of each quantity and of each step's slowest rank.
+
+As in the simulator's layer time (``sched + dispatch``), planning is not part of the
+all-to-all: a record's ``t_schedule`` is taken out of ``t_dispatch`` before the link is
+fitted and added back, as measured, to the predicted ``t_dispatch`` (the simulator's
+``--sched-time-ms``). When the all-to-all times do not grow with the volume (no positive
+slope), the bandwidth cannot be resolved: it keeps the given value, only the latency is
+fitted, and ``fitted["bw_resolved"]`` is False.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ def read_records(path: Union[str, Path]) -> list[dict]:
 def _arrays(records: Iterable[dict]) -> dict:
     recs = list(records)
     out = {}
-    for key in REQUIRED + ("tokens_sent_inter", "tokens_received_inter", "n_alltoall"):
+    for key in REQUIRED + ("tokens_sent_inter", "tokens_received_inter", "n_alltoall", "t_schedule"):
         default = 1.0 if key == "n_alltoall" else 0.0
         try:
             out[key] = np.array([float(r.get(key, default)) for r in recs])
@@ -83,6 +91,8 @@ def _arrays(records: Iterable[dict]) -> dict:
         out["tokens_received_inter"] > out["tokens_received"]
     ):
         raise ValueError("tokens_sent_inter/received_inter exceed tokens_sent/received")
+    if np.any(out["t_schedule"] > out["t_dispatch"]):
+        raise ValueError("t_schedule exceeds t_dispatch (planning is a part of the dispatch)")
     return out
 
 
@@ -91,7 +101,8 @@ def predict(records: Iterable[dict], cost: CostModel) -> dict:
 
     compute = c0 + n * phi / R with phi of ``cost.passes``; one all-to-all =
     alpha + max(max(S, R)^intra * b / B_intra, max(S, R)^inter * b / B_inter), times the
-    record's ``n_alltoall`` for the latency; the combine moves the same volumes reversed."""
+    record's ``n_alltoall`` for the latency; the combine moves the same volumes reversed.
+    The predicted ``t_dispatch`` adds the record's measured ``t_schedule`` (default 0)."""
     a = _arrays(records)
     hw = cost.hardware
     b = cost.bytes_per_token
@@ -101,7 +112,7 @@ def predict(records: Iterable[dict], cost: CostModel) -> dict:
     vol_in = np.maximum(s_in, r_in) * b / (hw.intra_bw * hw.bw_efficiency)
     vol_out = np.maximum(s_out, r_out) * b / (hw.inter_bw * hw.bw_efficiency)
     one = a["n_alltoall"] * hw.latency_s + np.maximum(vol_in, vol_out)
-    return {"t_compute": compute, "t_dispatch": one, "t_combine": one.copy()}
+    return {"t_compute": compute, "t_dispatch": one + a["t_schedule"], "t_combine": one}
 
 
 def fit(records: Iterable[dict], cost: CostModel) -> CostModel:
@@ -115,18 +126,30 @@ def fit(records: Iterable[dict], cost: CostModel) -> CostModel:
     rate, c0 = calibrate(a["tokens_computed"], a["t_compute"], phi)
     c0 /= cost.compute_multiplier
     vol = np.maximum(a["tokens_sent"], a["tokens_received"]) * cost.bytes_per_token
-    t_comm = 0.5 * (a["t_dispatch"] + a["t_combine"])
+    t_comm = 0.5 * ((a["t_dispatch"] - a["t_schedule"]) + a["t_combine"])
     n = a["n_alltoall"]
     hw = cost.hardware
     if np.ptp(vol) > 0:
         slope, icpt = np.polyfit(vol, t_comm, 1)
     else:
         slope, icpt = (float(t_comm.mean() / vol.mean()) if vol.mean() > 0 else 0.0), 0.0
-    latency = max(0.0, float(icpt) / float(n.mean()))
     if slope > 0:
         hw = hw.replace(intra_bw=1.0 / (slope * hw.bw_efficiency))
+    else:  # time does not grow with volume: keep the bandwidth, fit the latency alone
+        icpt = float(np.mean(t_comm - vol / (hw.intra_bw * hw.bw_efficiency)))
+    latency = max(0.0, float(icpt) / float(n.mean()))
     hw = hw.replace(rate=rate, compute_overhead_s=c0, latency_s=latency)
     return cost.replace(hardware=hw)
+
+
+def _bw_resolved(records: list[dict], cost: CostModel) -> bool:
+    """Whether :func:`fit` found the all-to-all time growing with the volume."""
+    a = _arrays(records)
+    vol = np.maximum(a["tokens_sent"], a["tokens_received"]) * cost.bytes_per_token
+    t_comm = 0.5 * ((a["t_dispatch"] - a["t_schedule"]) + a["t_combine"])
+    if np.ptp(vol) > 0:
+        return bool(np.polyfit(vol, t_comm, 1)[0] > 0)
+    return bool(vol.mean() > 0 and t_comm.mean() > 0)
 
 
 def validate(records: list[dict], cost: CostModel, fit_fraction: float = 0.5, refit: bool = True) -> dict:
@@ -134,7 +157,10 @@ def validate(records: list[dict], cost: CostModel, fit_fraction: float = 0.5, re
 
     Returns ``{"fitted": {...constants}, "mape": {field: mean abs % error},
     "step_mape": error of each step's slowest rank (dispatch + compute + combine),
-    "steps_fit": n, "steps_eval": n}``.
+    "baseline_mape": the same errors of predicting every record by the mean of the fitted
+    steps (the model must beat it to explain anything), "steps_fit": n, "steps_eval": n}``.
+    ``mape["t_alltoall"]`` is the two all-to-alls alone: dispatch without ``t_schedule``
+    plus combine.
     """
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction!r}")
@@ -147,18 +173,26 @@ def validate(records: list[dict], cost: CostModel, fit_fraction: float = 0.5, re
     model = fit(train, cost) if refit else cost
     pred = predict(test, model)
     meas = _arrays(test)
-    mape = {}
-    for key in ("t_compute", "t_dispatch", "t_combine"):
-        m = meas[key]
-        ok = m > 0
-        mape[key] = float(np.mean(np.abs(pred[key][ok] - m[ok]) / m[ok])) * 100 if ok.any() else None
     step_of = np.array([int(r["step"]) for r in test])
-    tot_pred = pred["t_dispatch"] + pred["t_compute"] + pred["t_combine"]
-    tot_meas = meas["t_dispatch"] + meas["t_compute"] + meas["t_combine"]
-    errs = []
-    for s in np.unique(step_of):
-        sel = step_of == s
-        errs.append(abs(tot_pred[sel].max() - tot_meas[sel].max()) / tot_meas[sel].max())
+    base_src = _arrays(train) if refit else meas
+    base = {k: np.full(len(test), base_src[k].mean()) for k in ("t_compute", "t_dispatch", "t_combine", "t_schedule")}
+
+    def errors(p: dict) -> tuple[dict, float]:
+        p = dict(p, t_alltoall=p["t_dispatch"] - meas["t_schedule"] + p["t_combine"])
+        m_all = dict(meas, t_alltoall=meas["t_dispatch"] - meas["t_schedule"] + meas["t_combine"])
+        out = {}
+        for key in ("t_compute", "t_dispatch", "t_combine", "t_alltoall"):
+            m = m_all[key]
+            ok = m > 0
+            out[key] = float(np.mean(np.abs(p[key][ok] - m[ok]) / m[ok])) * 100 if ok.any() else None
+        tot_pred = p["t_dispatch"] + p["t_compute"] + p["t_combine"]
+        tot_meas = meas["t_dispatch"] + meas["t_compute"] + meas["t_combine"]
+        errs = [abs(tot_pred[step_of == s].max() - tot_meas[step_of == s].max()) / tot_meas[step_of == s].max()
+                for s in np.unique(step_of)]
+        return out, float(np.mean(errs)) * 100
+
+    mape, step_mape = errors(pred)
+    base_mape, base_step = errors({**base, "t_dispatch": base["t_dispatch"] - base["t_schedule"] + meas["t_schedule"]})
     hw = model.hardware
     return {
         "fitted": {
@@ -166,9 +200,11 @@ def validate(records: list[dict], cost: CostModel, fit_fraction: float = 0.5, re
             "compute_overhead_s": hw.compute_overhead_s,
             "intra_bw_effective": hw.intra_bw * hw.bw_efficiency,
             "latency_s": hw.latency_s,
+            "bw_resolved": _bw_resolved(train, cost) if refit else None,
         },
         "mape": mape,
-        "step_mape": float(np.mean(errs)) * 100,
+        "step_mape": step_mape,
+        "baseline_mape": {**base_mape, "step": base_step},
         "steps_fit": len({int(r["step"]) for r in train}),
         "steps_eval": len(np.unique(step_of)),
     }
