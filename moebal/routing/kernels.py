@@ -37,3 +37,31 @@ def kth_largest(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 def topk_indices(x_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest entries of each row (distinct per row, in no set order)."""
     return torch.topk(x_TE, k, dim=-1, sorted=False).indices
+
+
+class Workspace:
+    """Reusable scratch tensors, one per name, reallocated only when the shape changes.
+
+    A balancer's per-batch intermediates (``s + b``, ``s - q``, ...) are as large as the
+    score matrix; allocating a fresh one per batch costs, on CPU, about as much as the
+    arithmetic (page faults of a new multi-megabyte block). Only for tensors that carry no
+    gradient and do not outlive the call that fills them.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if (
+            buf is None
+            or buf.shape != torch.Size(shape)
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._bufs[name] = buf
+        return buf
+
+    def clear(self) -> None:
+        self._bufs.clear()

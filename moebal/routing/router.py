@@ -210,7 +210,7 @@ class Router(nn.Module):
         # One cheap reduction: the sum is finite whenever every entry is, unless it overflows;
         # only then (or when something is NaN/inf) look at every entry.
         acc = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
-        if logits_TE.numel() and not bool(torch.isfinite(logits_TE.sum(dtype=acc))):
+        if logits_TE.numel() and not math.isfinite(float(logits_TE.sum(dtype=acc))):
             bad = ~torch.isfinite(logits_TE)
             if bool(bad.any()):
                 where = tuple(int(i) for i in bad.nonzero()[0])
@@ -246,11 +246,12 @@ class Router(nn.Module):
                 loads_E=torch.zeros(E, dtype=torch.int64, device=logits_TE.device),
             )
 
+        balancer = self.balancer
         if self._plain_topk:
             # the choice is the top-k of the scores themselves: its values are the weights
             weights_TK, indices_TK = torch.topk(scores_TE, K, dim=-1, sorted=False)
         else:
-            indices_TK = self.balancer.select(scores_TE, K, ctx)
+            indices_TK = balancer.select(scores_TE, K, ctx)
             if indices_TK.dtype != torch.int64:
                 indices_TK = indices_TK.long()
             weights_TK = scores_TE.gather(1, indices_TK)
@@ -267,7 +268,7 @@ class Router(nn.Module):
             weights_TK = weights_TK * kept_TK
             loads_E = torch.bincount(indices_TK[kept_TK], minlength=E)
 
-        aux_loss = self.balancer.loss(scores_TE, indices_TK, ctx)
+        aux_loss = balancer.loss(scores_TE, indices_TK, ctx)
         if cfg.z_loss_coeff > 0:
             z_loss = cfg.z_loss_coeff * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
         else:
@@ -275,9 +276,9 @@ class Router(nn.Module):
 
         if self.training:
             with torch.no_grad():
-                self.balancer.observe(loads_E, ctx)
+                balancer.observe(loads_E, ctx)
                 if not self._explicit_steps:
-                    self.balancer.step(self.group)
+                    balancer.step(self.group)
 
         return Routing(indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E)
 
@@ -305,9 +306,10 @@ class Router(nn.Module):
         kept[by_expert] = rank < self.capacity(T)
         return kept.view(T, K)
 
-    @torch.no_grad()
     def step(self) -> None:
         """One optimizer step: balancers with state update it from the loads seen since."""
-        self._explicit_steps = True
+        if not self._explicit_steps:
+            self._explicit_steps = True
         if self.training:
-            self.balancer.step(self.group)
+            with torch.no_grad():
+                self.balancer.step(self.group)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
-from moebal.routing.kernels import kth_largest, topk_indices
+from moebal.routing.kernels import Workspace, kth_largest, topk_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     from moebal.routing.router import RouterConfig
@@ -20,6 +20,7 @@ def bip_dual_iterations(
     iters: int,
     pin_q: bool = True,
     p_T: Optional[torch.Tensor] = None,
+    ws: Optional[Workspace] = None,
 ) -> torch.Tensor:
     """``iters`` alternating updates of the token prices p and expert prices q; returns q.
 
@@ -32,14 +33,22 @@ def bip_dual_iterations(
 
     and, with ``pin_q``, ``q <- q - min_j q_j`` (a move along the dual's flat direction
     ``(p - d, q + d)``, which changes no top-k of ``s - q``). ``p_T``, when given, replaces
-    the first iteration's p update (the caller already has it). Needs ``K < E``.
+    the first iteration's p update (the caller already has it). Needs ``K < E``. ``ws``
+    holds the [T, E]-sized scratch tensors between calls.
     """
     T, E = scores_TE.shape
     capacity = (T * top_k) // E
+    ws = ws if ws is not None else Workspace()
+    s_ET = ws.get("s_ET", (E, T), scores_TE)
+    s_ET.copy_(scores_TE.t())
+    y_TE = ws.get("y_TE", (T, E), scores_TE)
+    x_ET = ws.get("x_ET", (E, T), scores_TE)
     for it in range(iters):
         if it > 0 or p_T is None:
-            p_T = kth_largest(scores_TE - q_E, top_k + 1, dim=1).clamp_min_(0.0)
-        q_E = kth_largest(scores_TE - p_T.unsqueeze(1), capacity + 1, dim=0).clamp_min_(0.0)
+            torch.sub(scores_TE, q_E, out=y_TE)
+            p_T = kth_largest(y_TE, top_k + 1, dim=1).clamp_min_(0.0)
+        torch.sub(s_ET, p_T, out=x_ET)
+        q_E = kth_largest(x_ET, capacity + 1, dim=1).clamp_min_(0.0)
         if pin_q:
             q_E = q_E - q_E.min()
     return q_E
@@ -52,6 +61,7 @@ def bip_route(
     iters: int,
     pin_q: bool = True,
     order: str = "paper",
+    ws: Optional[Workspace] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of the BIP balancer: ``(indices_TK, new q)``.
 
@@ -59,13 +69,17 @@ def bip_route(
     of ``s - q_new``. ``order="causal"``: route by the top-k of ``s - q_E``; the same
     top-(k+1) gives the first iteration's p, then the iterations run as usual.
     """
+    ws = ws if ws is not None else Workspace()
+    y_TE = ws.get("y_TE", tuple(scores_TE.shape), scores_TE)
     if order == "paper":
-        q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q)
-        return topk_indices(scores_TE - q_E, top_k), q_E
-    values, indices = torch.topk(scores_TE - q_E, top_k + 1, dim=1, sorted=True)
+        q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q, ws=ws)
+        return topk_indices(torch.sub(scores_TE, q_E, out=y_TE), top_k), q_E
+    values, indices = torch.topk(
+        torch.sub(scores_TE, q_E, out=y_TE), top_k + 1, dim=1, sorted=True
+    )
     p_T = values[:, top_k].clamp_min(0.0)
-    q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q, p_T=p_T)
-    return indices[:, :top_k], q_E
+    q_E = bip_dual_iterations(scores_TE, q_E, top_k, iters, pin_q, p_T=p_T, ws=ws)
+    return indices[:, :top_k].contiguous(), q_E
 
 
 @register_balancer("bip")
@@ -100,6 +114,7 @@ class BIPBalancer(Balancer):
         # per batch, and still right after any in-place write to the buffer (load_state_dict,
         # a restore by activation checkpointing, a user's copy_)
         self._updated: Optional[tuple[int, bool]] = None
+        self._ws = Workspace()
 
     def _iters(self) -> int:
         """``bip_iters``, or ``bip_warmup_iters`` while q has never been updated."""
@@ -113,9 +128,10 @@ class BIPBalancer(Balancer):
         s_TE = scores_TE.detach()
         q_E = self.q_E.to(s_TE.dtype)
         if not self.training or top_k >= s_TE.shape[1]:
-            return topk_indices(s_TE - q_E, top_k)
+            y_TE = self._ws.get("y_TE", tuple(s_TE.shape), s_TE)
+            return topk_indices(torch.sub(s_TE, q_E, out=y_TE), top_k)
         indices_TK, q_E = bip_route(
-            s_TE, q_E, top_k, self._iters(), cfg.bip_pin_q, cfg.bip_order
+            s_TE, q_E, top_k, self._iters(), cfg.bip_pin_q, cfg.bip_order, self._ws
         )
         with torch.no_grad():
             self.q_E.copy_(q_E)

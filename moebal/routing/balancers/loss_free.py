@@ -8,6 +8,7 @@ import torch
 
 from moebal.routing.balancers._dist import all_reduce_sum_
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.kernels import Workspace, topk_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -39,20 +40,27 @@ class LossFree(Balancer):
         self.register_buffer("bias_E", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("loads_sum_E", torch.zeros(E, dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self._ws = Workspace()
 
     def selection_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        return scores_TE + self.bias_E.to(scores_TE.dtype)
+        return scores_TE.detach() + self.bias_E.to(scores_TE.dtype)
+
+    def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
+        # s + b into a reused buffer: it only chooses, it carries no gradient
+        biased_TE = self._ws.get("biased", tuple(scores_TE.shape), scores_TE)
+        torch.add(scores_TE.detach(), self.bias_E.to(scores_TE.dtype), out=biased_TE)
+        return topk_indices(biased_TE, top_k)
 
     def observe(self, loads_E: torch.Tensor, ctx: RoutingContext) -> None:
         self.loads_sum_E.add_(loads_E)
 
     def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:
-        loads_E = all_reduce_sum_(self.loads_sum_E.clone(), group)
-        mean = loads_E.mean()
+        loads_E = all_reduce_sum_(self.loads_sum_E, group)
+        mean = loads_E.sum() * (1.0 / loads_E.numel())
         error_E = mean - loads_E
         if self.config.bias_update == "sign":
-            self.bias_E.add_(torch.sign(error_E), alpha=self.config.bias_update_rate)
+            self.bias_E.add_(error_E.sign_(), alpha=self.config.bias_update_rate)
         else:
-            self.bias_E.add_(error_E / mean.clamp_min(1.0), alpha=self.config.bias_update_rate)
-        self.loads_sum_E.zero_()
+            self.bias_E.add_(error_E.div_(mean.clamp_min(1.0)), alpha=self.config.bias_update_rate)
+        loads_E.zero_()
         self.num_updates.add_(1)

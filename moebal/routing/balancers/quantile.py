@@ -8,7 +8,7 @@ import torch
 
 from moebal.routing.balancers._dist import all_reduce_sum_
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
-from moebal.routing.kernels import kth_largest
+from moebal.routing.kernels import Workspace, kth_largest, topk_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -17,20 +17,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def quantile_dual_update(
-    logits_TE: torch.Tensor, beta_E: torch.Tensor, top_k: int
+    logits_TE: torch.Tensor, beta_E: torch.Tensor, top_k: int, ws: Optional[Workspace] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route by the top-k of ``l - beta`` and estimate this batch's beta; both unclipped.
 
     ``alpha_i`` = (K+1)-th largest of ``l_i - beta`` (the token's admission threshold),
     ``beta_local_j`` = (c+1)-th largest over tokens of ``l_ij - alpha_i`` with
     ``c = floor(T K / E)``. Returns ``(indices_TK, beta_local_E)``. Needs ``K < E``.
+    ``ws`` holds the [T, E]-sized scratch tensors between calls.
     """
     T, E = logits_TE.shape
-    values, indices = torch.topk(logits_TE - beta_E, top_k + 1, dim=1, sorted=True)
+    ws = ws if ws is not None else Workspace()
+    y_TE = ws.get("y_TE", (T, E), logits_TE)
+    values, indices = torch.topk(
+        torch.sub(logits_TE, beta_E, out=y_TE), top_k + 1, dim=1, sorted=True
+    )
     alpha_T = values[:, top_k]
     capacity = (T * top_k) // E
-    beta_local_E = kth_largest(logits_TE - alpha_T.unsqueeze(1), capacity + 1, dim=0)
-    return indices[:, :top_k], beta_local_E
+    x_ET = ws.get("x_ET", (E, T), logits_TE)
+    x_ET.copy_(logits_TE.t()).sub_(alpha_T)
+    beta_local_E = kth_largest(x_ET, capacity + 1, dim=1)
+    return indices[:, :top_k].contiguous(), beta_local_E
 
 
 @register_balancer("quantile")
@@ -55,12 +62,14 @@ class QuantileBalancer(Balancer):
         self.register_buffer("beta_sum_E", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("micro_batches", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self._ws = Workspace()
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         logits_TE = ctx.logits_TE.detach().float()
         if not self.training or top_k >= logits_TE.shape[1]:
-            return torch.topk(logits_TE - self.beta_E, top_k, dim=1, sorted=False).indices
-        indices_TK, beta_local_E = quantile_dual_update(logits_TE, self.beta_E, top_k)
+            y_TE = self._ws.get("y_TE", tuple(logits_TE.shape), logits_TE)
+            return topk_indices(torch.sub(logits_TE, self.beta_E, out=y_TE), top_k)
+        indices_TK, beta_local_E = quantile_dual_update(logits_TE, self.beta_E, top_k, self._ws)
         with torch.no_grad():
             self.beta_sum_E.add_(beta_local_E)
             self.micro_batches.add_(1)
