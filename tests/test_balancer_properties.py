@@ -171,6 +171,7 @@ def test_bad_balancer_options_name_the_value(kwargs):
 STREAM = dict(batches=50, tokens=4096, experts=16, top_k=2, skew=2.0, seed=0)
 
 
+@pytest.mark.slow
 def test_bip_is_balanced_from_its_first_batch():
     result = run_stream("bip", **STREAM)
     vio = np.array(result["max_vio_batch"])

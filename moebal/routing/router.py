@@ -47,7 +47,7 @@ class RouterConfig:
                             (route with the previous q, then update it from the batch).
     bip_pin_q               after each q update subtract min_j q_j (keeps the dual on the
                             representative with min q = 0; the batch's routing is unchanged).
-                            False = the bare update of ALGORITHMS.md, which drifts on long
+                            False = the bare update as usually described, which drifts on long
                             streams (see docs/design.md, "Balancers").
     quantile_ema            EMA weight of the quantile balancer's beta across steps (0 = off).
     sinkhorn_iters          cap on Sinkhorn iterations per batch.
