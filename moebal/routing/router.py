@@ -210,7 +210,7 @@ class Router(nn.Module):
         # One cheap reduction: the sum is finite whenever every entry is, unless it overflows;
         # only then (or when something is NaN/inf) look at every entry.
         acc = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
-        if logits_TE.numel() and not math.isfinite(float(logits_TE.sum(dtype=acc))):
+        if logits_TE.numel() and not math.isfinite(float(logits_TE.detach().sum(dtype=acc))):
             bad = ~torch.isfinite(logits_TE)
             if bool(bad.any()):
                 where = tuple(int(i) for i in bad.nonzero()[0])
