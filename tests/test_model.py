@@ -342,3 +342,22 @@ def test_float32_takes_grouped_mm_not_the_padded_fallback(monkeypatch):
     x_TD = torch.randn(20, 32, requires_grad=True)
     layer(x_TD).square().sum().backward()
     assert layer.experts.w2_EFD.grad is not None
+
+
+def test_moe_layer_bench_runs_and_reports_json(capsys):
+    from moebal.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "moe-layer", "--cases", "tiny", "--repeats", "1", "--warmup",
+                     "0", "--threads", "1", "--router-option", "capacity_factor=1.5",
+                     "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["results"]
+    assert row["case"] == "tiny" and row["router_options"]["capacity_factor"] == 1.5
+    assert row["dense_hidden"] == row["top_k"] * row["expert_hidden"]
+    assert row["moe_ms"] > 0 and row["dense_ms"] > 0
+    assert main(["bench", "moe-layer", "--cases", "nope"]) == 2
+    assert main(["bench", "moe-layer", "--router-option", "capacity_factor=\"x\""]) == 2

@@ -68,9 +68,12 @@ def cases(names: list[str], balancer: str, router_options: dict[str, Any]) -> li
         else:
             raise ValueError(f"unknown case {name!r}; known: tiny, default, 8k")
         opts = {**case.config.router_options, **router_options}
-        case.config = ModelConfig.from_dict(
-            {**case.config.to_dict(), "balancer": balancer, "router_options": opts}
-        )
+        try:
+            case.config = ModelConfig.from_dict(
+                {**case.config.to_dict(), "balancer": balancer, "router_options": opts}
+            )
+        except TypeError as exc:  # e.g. a router option of the wrong type
+            raise ValueError(f"bad router option in {router_options!r}: {exc}") from exc
         out.append(case)
     return out
 
