@@ -127,10 +127,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"ModelConfig.from_dict takes a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
-        return cls(**copy.deepcopy(d))
+        return dataclass_from_dict(cls, d)
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """``cls(**d)`` for a config dataclass, refusing a non-dict and unknown field names."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__}.from_dict takes a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+    return cls(**copy.deepcopy(d))

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from moebal.model.config import dataclass_from_dict
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -113,13 +115,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"TrainConfig.from_dict takes a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 # Fields that may differ between a checkpoint and the run resuming it: they change what is
