@@ -27,7 +27,9 @@ def _highs() -> highspy.Highs:
     h.setOptionValue("output_flag", False)
     h.setOptionValue("solver", "simplex")
     h.setOptionValue("random_seed", 0)
-    h.setOptionValue("threads", 1)
+    # No "threads" option: HiGHS keeps one thread scheduler per process and refuses a model
+    # whose thread count differs from the one it started with (whoever started it first).
+    # The default follows the running scheduler, and simplex on an LP is serial anyway.
     return h
 
 

@@ -68,7 +68,7 @@ def optimal_routing_lp(
     h.setOptionValue("solver", "simplex")
     # presolve's dependent-equation search costs more than the whole solve here
     h.setOptionValue("presolve", "off")
-    h.setOptionValue("threads", 1)
+    # no "threads" option: it must match HiGHS's per-process scheduler (see schedule/highs.py)
     h.changeObjectiveSense(highspy.ObjSense.kMaximize)
     row_lo = np.concatenate([np.full(T, float(K)), np.full(E, float(lo))])
     row_hi = np.concatenate([np.full(T, float(K)), np.full(E, float(hi))])
