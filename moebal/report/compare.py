@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from moebal.report._io import atomic_write_json, json_clean
+from moebal.fileio import atomic_write_json, json_clean
 from moebal.report.results import RESULTS_FILE, SCHEMA, load_results
 
 DEFAULT_BALANCERS = ("none", "aux_loss", "seq_aux_loss", "loss_free", "bip", "quantile")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-from moebal.report._io import atomic_write_bytes, atomic_write_text
+from moebal.fileio import atomic_write_bytes, atomic_write_text
 from moebal.report.claims import (
     BALANCED_MAXVIO,
     FAR_LOWER_RATIO,

@@ -1,4 +1,9 @@
-"""Atomic file writes: a temporary file in the same folder, then ``os.replace``."""
+"""Atomic file writes: a temporary file in the same folder, then ``os.replace``.
+
+Every file moebal writes into a run folder goes through here, so a reader (or a resumed run)
+sees either the old file or the whole new one, never a half-written file, and a write that
+fails or is interrupted leaves no temporary file behind.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Callable, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -18,17 +23,27 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+TMP_SUFFIX = ".tmp"
 
-    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+
+def temp_name_prefix(path: PathLike) -> str:
+    """The prefix of the temporary files an atomic write of ``path`` creates beside it."""
+    return f".{Path(path).name}."
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    Readers see the old file or the whole new one. The file gets the usual permissions
+    (0666 less the umask), not mkstemp's private 0600. On any error (KeyboardInterrupt
+    included) the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -40,6 +55,23 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def remove_stale_temp_files(path: PathLike) -> list[Path]:
+    """Delete temporary files that an interrupted atomic write of ``path`` left (a killed
+    process cannot clean up after itself); returns what was removed."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.glob(temp_name_prefix(path) + "*" + TMP_SUFFIX):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
