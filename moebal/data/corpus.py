@@ -104,6 +104,11 @@ class Corpus:
     cache_hit: bool = False
     load_seconds: float = 0.0
 
+    def identity(self) -> dict[str, Any]:
+        """What tells this corpus from another: its cache key, vocabulary and sizes."""
+        return {"key": self.key, "vocab_size": self.vocab_size,
+                "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val))}
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 

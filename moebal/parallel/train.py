@@ -35,12 +35,11 @@ from moebal.data import resolve_corpus
 from moebal.model import MoEModel, ModelConfig
 from moebal.parallel import comm
 from moebal.parallel.runtime import STAT_FIELDS, ExpertParallel, ParallelConfig, summarise
-from moebal.train.config import TrainConfig
+from moebal.train.config import TrainConfig, check_configs
 from moebal.train.context import resolve_device
 from moebal.train.results import StepStats, TrainResult
 from moebal.train.run import (
     DataLike,
-    check_configs,
     continue_from_checkpoint,
     finished_result,
     write_config,

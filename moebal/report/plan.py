@@ -210,12 +210,7 @@ def experiment_config(plan: Plan, corpus) -> dict[str, Any]:
         "train": train,
         "device": plan.device,
         "data": describe_data(plan, corpus),
-        "data_identity": {
-            "key": corpus.key,
-            "vocab_size": corpus.vocab_size,
-            "train_tokens": int(len(corpus.train)),
-            "val_tokens": int(len(corpus.val)),
-        },
+        "data_identity": corpus.identity(),
         "tokens_per_step": cfg.global_batch * plan.model.seq_len,
     }
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moebal.model.config import dataclass_from_dict
+from moebal.model.config import ModelConfig, dataclass_from_dict
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -130,3 +130,13 @@ class TrainConfig:
 # comparison records and checks its device separately.)
 RESUME_FREE_FIELDS = ("log_every", "checkpoint_every", "checkpoint_interval_s", "device",
                       "router_timing", "threads")
+
+
+def check_configs(model_cfg: Any, train_cfg: Any) -> None:
+    """TypeError unless a ModelConfig and a TrainConfig; ValueError unless both are valid."""
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
+    if not isinstance(train_cfg, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    model_cfg.validate()
+    train_cfg.validate()

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from moebal.data import Corpus, DataConfig, resolve_corpus
 from moebal.model import ModelConfig
-from moebal.train.config import TrainConfig
+from moebal.train.config import TrainConfig, check_configs
 from moebal.train.errors import ResumeError
 from moebal.train.results import History, TrainResult, load_result
 from moebal.train.rundir import CONTINUE, FINISHED, RunDir, compatibility_problems
@@ -23,15 +23,6 @@ from moebal.train.trace import load_trace
 from moebal.train.trainer import Trainer
 
 DataLike = Union[Corpus, DataConfig, str, os.PathLike, None]
-
-
-def check_configs(model_cfg: Any, train_cfg: Any) -> None:
-    if not isinstance(model_cfg, ModelConfig):
-        raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
-    if not isinstance(train_cfg, TrainConfig):
-        raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
-    model_cfg.validate()
-    train_cfg.validate()
 
 
 def finished_result(trainer: Trainer) -> TrainResult:

@@ -1,4 +1,4 @@
-"""A trainer's checkpoint state: what :meth:`Trainer.state_dict` holds and how it is put back.
+"""A trainer's (:class:`moebal.train.Trainer`) checkpoint state: what :meth:`Trainer.state_dict` holds and how it is put back.
 
 The state is everything a resumed run needs to continue exactly: the model (balancer state
 lives in its buffers), optimizer, scheduler, the batch sampler's generator, the
@@ -10,15 +10,12 @@ evaluations so far, and the identity (both configurations and the corpus) that
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from moebal.train.rundir import compatibility_problems
-
-if TYPE_CHECKING:  # annotations only
-    from moebal.train.trainer import Trainer
 
 CHECKPOINT_VERSION = 1
 TOTALS = ("tokens_seen", "train_seconds", "router_seconds", "wall_seconds", "last_loss")
@@ -40,7 +37,7 @@ def set_rng_state(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def capture(trainer: "Trainer") -> dict[str, Any]:
+def capture(trainer: Any) -> dict[str, Any]:
     """The trainer's state (see the module docstring)."""
     identity = trainer.identity()
     return {
@@ -61,7 +58,7 @@ def capture(trainer: "Trainer") -> dict[str, Any]:
     }
 
 
-def check_compatible(trainer: "Trainer", state: dict[str, Any], source: str) -> None:
+def check_compatible(trainer: Any, state: dict[str, Any], source: str) -> None:
     """ValueError unless ``state`` comes from a run with this model, training config (up
     to RESUME_FREE_FIELDS) and corpus."""
     if state.get("format") != CHECKPOINT_VERSION:
@@ -76,7 +73,7 @@ def check_compatible(trainer: "Trainer", state: dict[str, Any], source: str) -> 
         )
 
 
-def restore(trainer: "Trainer", state: dict[str, Any], source: str) -> None:
+def restore(trainer: Any, state: dict[str, Any], source: str) -> None:
     """Put ``state`` back into ``trainer`` (after :func:`check_compatible`)."""
     check_compatible(trainer, state, source)
     trainer.model.load_state_dict(state["model"])

@@ -1,11 +1,8 @@
 """The training loop: :class:`Trainer` holds the state of one run and its steps.
 
-``train_step()`` (one optimizer step), ``evaluate()``, ``state_dict()`` /
-``load_state_dict()`` (checkpoints) and ``fit()`` (the loop with files, progress bar,
-checkpoints and stop signals) are separate so that other runners (expert parallelism,
-the balancer comparison) reuse them. The entry point is :func:`moebal.train.train`
-(:mod:`moebal.train.run`); the optimizer and schedule are in :mod:`moebal.train.optim`,
-the results in :mod:`moebal.train.results`, the run folder in :mod:`moebal.train.rundir`.
+``train_step()``, ``evaluate()``, ``state_dict()`` / ``load_state_dict()`` and ``fit()``
+(the loop with files, progress bar, checkpoints and stop signals) are separate so that
+other runners (expert parallelism) reuse them. Entry point: :func:`moebal.train.train`.
 
 One optimizer step:
 
@@ -41,13 +38,13 @@ from moebal.data import BatchSampler, Corpus, eval_windows
 from moebal.data.batches import windows_to_batch
 from moebal.metrics import BalanceTracker
 from moebal.model import MoELayer, MoEModel, ModelConfig
-from moebal.train import state
-from moebal.train.config import TrainConfig
+from moebal.train.config import TrainConfig, check_configs
 from moebal.train.context import StopSignals, resolve_amp_dtype, resolve_device, run_settings
 from moebal.train.errors import NonFiniteLoss, RunInterrupted
 from moebal.train.optim import build_optimizer
 from moebal.train.results import History, StepStats, TrainResult
 from moebal.train.rundir import RunDir, load_checkpoint, save_checkpoint
+from moebal.train.state import capture, restore
 from moebal.train.trace import RoutingTrace, TraceRecorder, save_trace
 
 def is_nonfinite_logits(exc: ValueError) -> bool:
@@ -81,12 +78,7 @@ class Trainer:
         preset: str = "",
         model: Optional[MoEModel] = None,
     ) -> None:
-        if not isinstance(model_cfg, ModelConfig):
-            raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
-        if not isinstance(train_cfg, TrainConfig):
-            raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
-        model_cfg.validate()
-        train_cfg.validate()
+        check_configs(model_cfg, train_cfg)
         if corpus.vocab_size > model_cfg.vocab_size:
             raise ValueError(
                 f"the tokenizer has {corpus.vocab_size} tokens but the model's vocab_size is "
@@ -315,23 +307,15 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly (:mod:`moebal.train.state`)."""
-        return state.capture(self)
+        return capture(self)
 
     def data_identity(self) -> dict[str, Any]:
-        return {
-            "key": self.corpus.key,
-            "vocab_size": self.corpus.vocab_size,
-            "train_tokens": int(len(self.corpus.train)),
-            "val_tokens": int(len(self.corpus.val)),
-        }
-
-    def check_compatible(self, saved: dict[str, Any], source: str = "checkpoint") -> None:
-        """ValueError unless the checkpoint state ``saved`` comes from a run with this model,
-        training config (up to RESUME_FREE_FIELDS) and corpus."""
-        state.check_compatible(self, saved, source)
+        return self.corpus.identity()
 
     def load_state_dict(self, saved: dict[str, Any], source: str = "checkpoint") -> None:
-        state.restore(self, saved, source)
+        """Continue from ``saved``; ValueError (before anything is loaded) when it comes
+        from another model, training config (up to RESUME_FREE_FIELDS) or corpus."""
+        restore(self, saved, source)
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> Path:
         """The state, checksummed and written atomically (:func:`rundir.save_checkpoint`)."""
@@ -340,8 +324,8 @@ class Trainer:
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Continue from a checkpoint; CheckpointError for a missing, truncated or damaged
         file, ValueError for one of another configuration."""
-        state = load_checkpoint(path, map_location=self.device)
-        self.load_state_dict(state, source=f"checkpoint {str(path)!r}")
+        saved = load_checkpoint(path, map_location=self.device)
+        self.load_state_dict(saved, source=f"checkpoint {str(path)!r}")
 
     # ---------------------------------------------------------------- trace
     def trace(self) -> Optional[RoutingTrace]:
