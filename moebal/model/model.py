@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from moebal.model.config import ModelConfig
 from moebal.model.experts import GroupedExperts
-from moebal.routing import Router, Routing
+from moebal.routing import Router, Routing, RoutingLog
 
 
 class RMSNorm(nn.Module):
@@ -102,17 +102,21 @@ class MoELayer(nn.Module):
         self.last_routing: Optional[Routing] = None
         self.router_seconds = 0.0
 
-    def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
+    def route(
+        self, x_TD: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
+    ) -> Routing:
         start = time.perf_counter() if self.timing else 0.0
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        routing = self.router(logits_TE, seq_len)
+        routing = self.router(logits_TE, seq_len, log=log)
         if self.timing:
             self.router_seconds += time.perf_counter() - start
         return routing
 
-    def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> torch.Tensor:
-        routing = self.route(x_TD, seq_len)
+    def forward(
+        self, x_TD: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
+    ) -> torch.Tensor:
+        routing = self.route(x_TD, seq_len, log)
         self.last_routing = routing
         y_TD = self.experts(x_TD, routing)
         if self.shared is not None:
@@ -130,25 +134,40 @@ class Block(nn.Module):
             MoELayer(config) if moe else SwiGLU(config.d_model, config.ffn_dense_hidden)
         )
 
-    def forward(self, x_BSD: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, rotary: torch.Tensor, log: Optional[RoutingLog] = None
+    ) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rotary)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             B, S, D = h_BSD.shape
-            return x_BSD + self.ffn(h_BSD.reshape(B * S, D), seq_len=S).view(B, S, D)
+            return x_BSD + self.ffn(h_BSD.reshape(B * S, D), seq_len=S, log=log).view(B, S, D)
         return x_BSD + self.ffn(h_BSD)
 
 
 @dataclass
 class ModelOutput:
-    """logits [B, S, V]; loss = lm_loss + router_loss when targets were given;
-    router_loss sums each MoE layer's routing.loss; loads_LE int64 [MoE layers, E]."""
+    """What one forward computed.
+
+    logits          [B, S, V].
+    loss            lm_loss + router_loss when targets were given, else None.
+    router_loss     the sum of each MoE layer's ``routing.loss``.
+    loads_LE        int64 [L, E]: token-slots each expert of each MoE layer computed.
+    dropped_L       int64 [L]: token-slots capacity dropped per MoE layer (0 dropless).
+    routed_slots    T*K, the token-slots each MoE layer routed (kept or dropped).
+    routings        the :class:`Routing` of each MoE layer, in model order.
+    router_seconds  wall time of the layers' gates and routers (``time_routers=True``).
+    """
 
     logits: torch.Tensor
     loss: Optional[torch.Tensor]
     lm_loss: Optional[torch.Tensor]
     router_loss: torch.Tensor
     loads_LE: torch.Tensor
+    dropped_L: Optional[torch.Tensor] = None
+    routed_slots: int = 0
+    routings: list[Routing] = field(default_factory=list)
+    router_seconds: float = 0.0
 
 
 class MoEModel(nn.Module):
@@ -235,23 +254,30 @@ class MoEModel(nn.Module):
                     f"targets shape {tuple(targets_BS.shape)} != tokens shape {(B, S)}"
                 )
 
+        # every MoE layer adds its routing to the log; their balancer updates wait there
+        # and are committed only once the whole forward has succeeded
+        log = RoutingLog()
         x_BSD = self.embed(tokens_BS)
         for block in self.blocks:
-            x_BSD = block(x_BSD, self.rotary)
+            x_BSD = block(x_BSD, self.rotary, log)
         logits_BSV = self.lm_head(self.norm(x_BSD))
 
-        layers = self.moe_layers()
-        if layers:
-            router_loss = sum(layer.last_routing.loss for layer in layers)
-            loads_LE = torch.stack([layer.last_routing.loads_E for layer in layers])
+        routings = log.routings
+        if routings:
+            router_loss = sum(r.loss for r in routings)
+            loads_LE = torch.stack([r.loads_E for r in routings])
         else:
             router_loss = logits_BSV.new_zeros((), dtype=torch.float32)
             loads_LE = torch.zeros(0, self.config.num_experts, dtype=torch.int64,
                                    device=tokens_BS.device)
+        routed_slots = B * S * self.config.top_k
         lm_loss = loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(
                 logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1), ignore_index=-1
             )
             loss = lm_loss + router_loss
-        return ModelOutput(logits_BSV, loss, lm_loss, router_loss, loads_LE)
+        log.commit()
+        return ModelOutput(logits_BSV, loss, lm_loss, router_loss, loads_LE,
+                           dropped_L=routed_slots - loads_LE.sum(dim=1), routed_slots=routed_slots,
+                           routings=routings, router_seconds=log.router_seconds)

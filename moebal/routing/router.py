@@ -6,6 +6,7 @@ module picked by name from the registry in :mod:`moebal.routing.balancers`.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -163,6 +164,66 @@ class Routing:
         """What to add to the model's loss: aux loss plus z-loss."""
         return self.aux_loss + self.z_loss
 
+    @property
+    def routed_slots(self) -> int:
+        """T*K: the token-slots the router assigned (kept or dropped)."""
+        return self.indices_TK.numel()
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """int64 scalar: token-slots capacity dropped, ``T*K - sum_j loads_j`` (0 dropless)."""
+        return self.routed_slots - self.loads_E.sum()
+
+
+class NonFiniteLogits(ValueError):
+    """The router was given logits with a NaN or inf entry (a diverged model)."""
+
+
+@dataclass
+class PendingUpdate:
+    """One router's balancer update of one forward, applied by :meth:`Router.commit`.
+
+    ``ctx.updates`` holds the new values of buffers that ``select``/``loss`` computed;
+    ``loads_E`` goes to ``observe``; ``replay`` tells whether to keep the state from before
+    the update for an activation-checkpointing recompute.
+    """
+
+    ctx: RoutingContext
+    loads_E: torch.Tensor
+    replay: bool
+
+
+class RoutingLog:
+    """The routings of one model forward, layer by layer, and their pending balancer updates.
+
+    A model makes one per forward and hands it to every MoE layer; each router appends its
+    :class:`Routing` to ``routings`` and, in training mode, its balancer update to the
+    pending list instead of applying it. ``commit()`` — once the whole forward succeeded —
+    applies them all; a forward that raises (say :class:`NonFiniteLogits` in a later layer)
+    drops the log and no balancer state has changed. ``timed``: layers add the wall time
+    of gate + router to ``router_seconds``.
+    """
+
+    def __init__(self, timed: bool = False) -> None:
+        self.routings: list[Routing] = []
+        self.timed = timed
+        self.router_seconds = 0.0
+        self._pending: list[tuple["Router", PendingUpdate]] = []
+
+    def stage(self, router: "Router", update: PendingUpdate) -> None:
+        if any(r is router for r, _ in self._pending):
+            raise ValueError(
+                "a router routed twice in one RoutingLog; its second update would overwrite "
+                "the first (use one log per forward, one call per router)"
+            )
+        self._pending.append((router, update))
+
+    def commit(self) -> None:
+        """Apply every staged balancer update, in layer order; the log is then empty of them."""
+        pending, self._pending = self._pending, []
+        for router, update in pending:
+            router.commit(update)
+
 
 class Router(nn.Module):
     """Chooses top-k experts per token under the configured balancer.
@@ -172,11 +233,23 @@ class Router(nn.Module):
     data-parallel process group whose loads the balancer all-reduces (None: this process).
 
     In training mode the balancer sees each batch's loads. Balancers with state update it at
-    ``step()``, to be called once per optimizer step; until ``step()`` has been called once,
-    every training-mode forward counts as a step of its own. In ``eval()`` nothing updates.
+    ``step()``, to be called once per optimizer step. With ``auto_step`` (the default) every
+    training-mode forward also counts as a step of its own, until ``step()`` is first
+    called (which sets ``auto_step = False``); a training loop that steps once per
+    optimizer step builds its routers with ``auto_step=False`` (or sets the attribute).
+    In ``eval()`` nothing updates.
+
+    A forward changes no balancer state while it runs: what it would change is collected
+    (:class:`PendingUpdate`) and applied by :meth:`commit` at the end of the call, or, with
+    ``log`` (a :class:`RoutingLog`), when the caller commits the log after its whole
+    forward. Under activation checkpointing the recompute in backward routes again without
+    updating anything; with ``replay = True`` it routes from the state its forward saw.
     """
 
-    def __init__(self, config: RouterConfig, group: Optional["dist.ProcessGroup"] = None):
+    def __init__(
+        self, config: RouterConfig, group: Optional["dist.ProcessGroup"] = None,
+        auto_step: bool = True,
+    ):
         super().__init__()
         config.validate()
         self.config = config
@@ -188,7 +261,9 @@ class Router(nn.Module):
         self._plain_topk = (
             kind.select is Balancer.select and kind.selection_scores is Balancer.selection_scores
         )
-        self._explicit_steps = False
+        self.auto_step = bool(auto_step)
+        self.replay = False
+        self._replay: collections.deque = collections.deque()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -214,7 +289,7 @@ class Router(nn.Module):
             bad = ~torch.isfinite(logits_TE)
             if bool(bad.any()):
                 where = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(
+                raise NonFiniteLogits(
                     f"logits contain NaN or inf ({int(bad.sum())} entries, first at "
                     f"{where}: {logits_TE[where].item()!r})"
                 )
@@ -225,7 +300,57 @@ class Router(nn.Module):
             return torch.softmax(logits_TE, dim=-1)
         return torch.sigmoid(logits_TE)
 
-    def forward(self, logits_TE: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
+    def forward(
+        self, logits_TE: torch.Tensor, seq_len: Optional[int] = None,
+        log: Optional[RoutingLog] = None,
+    ) -> Routing:
+        """Route one batch. With ``log`` the routing is appended to it and the balancer
+        update waits for ``log.commit()``; without, the update is applied before returning."""
+        if self.training and recomputing():
+            return self._recompute(logits_TE, seq_len)
+        routing, ctx = self._route(logits_TE, seq_len)
+        if log is not None:
+            log.routings.append(routing)
+        if self.training and ctx is not None:
+            update = PendingUpdate(ctx, routing.loads_E, self.replay and torch.is_grad_enabled())
+            if log is None:
+                self.commit(update)
+            else:
+                log.stage(self, update)
+        return routing
+
+    def _recompute(self, logits_TE: torch.Tensor, seq_len: Optional[int]) -> Routing:
+        """Backward re-runs a checkpointed forward: route again, change nothing."""
+        if not self._replay:
+            return self._route(logits_TE, seq_len)[0]
+        before = self._replay.popleft()
+        now = {name: buf for name, buf in self.balancer.named_buffers()}
+        self._swap_buffers(before)
+        try:
+            return self._route(logits_TE, seq_len)[0]
+        finally:
+            self._swap_buffers(now)
+
+    def _swap_buffers(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            owner, _, leaf = name.rpartition(".")
+            self.balancer.get_submodule(owner)._buffers[leaf] = value
+
+    @torch.no_grad()
+    def commit(self, update: PendingUpdate) -> None:
+        """Apply one forward's balancer update: the buffers ``select``/``loss`` computed,
+        then ``observe`` of the loads, then (until ``step()`` is called explicitly) a step."""
+        balancer = self.balancer
+        if update.replay:
+            self._replay.append({n: b.clone() for n, b in balancer.named_buffers()})
+        balancer.commit(update.ctx.updates)
+        balancer.observe(update.loads_E, update.ctx)
+        if self.auto_step:
+            balancer.step(self.group)
+
+    def _route(
+        self, logits_TE: torch.Tensor, seq_len: Optional[int]
+    ) -> tuple[Routing, Optional[RoutingContext]]:
         self._check(logits_TE)
         cfg = self.config
         T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
@@ -244,7 +369,7 @@ class Router(nn.Module):
                 aux_loss=zero,
                 z_loss=zero,
                 loads_E=torch.zeros(E, dtype=torch.int64, device=logits_TE.device),
-            )
+            ), None  # an empty batch updates nothing
 
         balancer = self.balancer
         if self._plain_topk:
@@ -273,14 +398,7 @@ class Router(nn.Module):
             z_loss = cfg.z_loss_coeff * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
         else:
             z_loss = scores_TE.new_zeros(())
-
-        if self.training:
-            with torch.no_grad():
-                balancer.observe(loads_E, ctx)
-                if not self._explicit_steps:
-                    balancer.step(self.group)
-
-        return Routing(indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E)
+        return Routing(indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E), ctx
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens one expert may take from a batch of ``num_tokens`` (None = unbounded)."""
@@ -308,8 +426,22 @@ class Router(nn.Module):
 
     def step(self) -> None:
         """One optimizer step: balancers with state update it from the loads seen since."""
-        if not self._explicit_steps:
-            self._explicit_steps = True
+        self.auto_step = False
+        self._replay.clear()  # recomputes belong to the backward passes before this step
         if self.training:
             with torch.no_grad():
                 self.balancer.step(self.group)
+
+
+    @property
+    def _explicit_steps(self) -> bool:  # the former spelling of ``not auto_step``
+        return not self.auto_step
+
+    @_explicit_steps.setter
+    def _explicit_steps(self, value: bool) -> None:
+        self.auto_step = not value
+
+
+def recomputing() -> bool:
+    """True while autograd re-runs a forward for activation checkpointing (inside backward)."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1

@@ -43,6 +43,7 @@ from moebal.data import BatchSampler, Corpus, DataConfig, eval_windows, load_cor
 from moebal.data.batches import windows_to_batch
 from moebal.metrics import BalanceTracker
 from moebal.model import MoELayer, MoEModel, ModelConfig
+from moebal.routing import NonFiniteLogits
 from moebal.train.config import RESUME_FREE_FIELDS, TrainConfig
 from moebal.train.trace import RoutingTrace, TraceRecorder, load_trace, save_trace
 
@@ -156,6 +157,12 @@ class StepStats:
     max_vio_layers: list[float]
     loads_LE: np.ndarray
     finite: bool = True
+    dropped_frac_layers: list[float] = field(default_factory=list)
+
+    @property
+    def dropped_frac(self) -> float:
+        """Share of the step's token-slots capacity dropped, averaged over MoE layers."""
+        return float(np.mean(self.dropped_frac_layers)) if self.dropped_frac_layers else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -179,6 +186,8 @@ class StepStats:
             "router_time_share": self.router_time_share,
             "max_vio_batch": self.max_vio_batch,
             "max_vio_batch_layers": self.max_vio_layers,
+            "dropped_frac": self.dropped_frac,
+            "dropped_frac_layers": self.dropped_frac_layers,
             "loads": self.loads_LE.tolist(),
             "tokens": total_tokens,
             "elapsed": elapsed,
@@ -215,6 +224,7 @@ class TrainResult:
     seed: int
     preset: str = ""
     diverged_step: Optional[int] = None
+    dropped_frac: float = float("nan")
     out_dir: Optional[str] = None
     model_config: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -390,9 +400,7 @@ class Trainer:
             try:
                 with self.autocast():
                     out = model(x_BS, y_BS)
-            except ValueError as exc:  # the router refuses NaN/inf logits: diverged
-                if "NaN" not in str(exc) and "inf" not in str(exc):
-                    raise
+            except NonFiniteLogits:  # the router refuses NaN/inf logits: diverged
                 totals.fill_(float("nan"))
                 break
             (out.loss / cfg.grad_accum).backward()
@@ -423,10 +431,12 @@ class Trainer:
         router_seconds = sum(layer.router_seconds for layer in self.moe_layers)
         loads_np = self.reduce_loads(loads_LE).cpu().numpy()
         if self.tracker is not None and finite:
-            max_vio = self.tracker.record(loads_np, step=step)
+            routed_slots = cfg.global_batch * self.model_cfg.seq_len * self.model_cfg.top_k
+            max_vio = self.tracker.record(loads_np, step=step, routed_slots=routed_slots)
             vio_layers = self.tracker.per_layer[-1].tolist()
+            dropped_layers = self.tracker.dropped[-1].tolist()
         else:
-            max_vio, vio_layers = float("nan"), []
+            max_vio, vio_layers, dropped_layers = float("nan"), [], []
         tokens = cfg.global_batch * self.model_cfg.seq_len
         if self.tracer is not None:
             if finite:
@@ -439,7 +449,7 @@ class Trainer:
             self.train_seconds += seconds
             self.router_seconds += router_seconds
         stats = StepStats(step, loss, lm_loss, aux_loss, lr, grad_norm, tokens, seconds,
-                          router_seconds, max_vio, vio_layers, loads_np, finite)
+                          router_seconds, max_vio, vio_layers, loads_np, finite, dropped_layers)
         self.last_stats = stats
         return stats
 
@@ -465,7 +475,8 @@ class Trainer:
                 loss_sum += float(out.lm_loss) * y_BS.numel()
                 count += y_BS.numel()
                 if self.tracker is not None:
-                    self.tracker.accumulate_global(self.reduce_loads(out.loads_LE).cpu().numpy())
+                    self.tracker.accumulate_global(self.reduce_loads(out.loads_LE).cpu().numpy(),
+                                                   out.routed_slots)
         finally:
             self.model.train()
         val_loss = loss_sum / count
@@ -722,6 +733,7 @@ class Trainer:
             seed=self.train_cfg.seed,
             preset=self.preset,
             diverged_step=self.diverged_step,
+            dropped_frac=self.tracker.dropped_frac if self.tracker is not None else nan,
             out_dir=str(self.out_dir) if self.out_dir is not None else None,
             model_config=self.model_cfg.to_dict(),
             train_config=self.train_cfg.to_dict(),

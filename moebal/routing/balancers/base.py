@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -22,12 +22,16 @@ class RoutingContext:
     sequence-wise aux loss needs it). ``group``: the data-parallel process group over which
     loads are all-reduced, or None. ``counts_E``: tokens per expert as chosen, before any
     capacity drop (set by the router after ``select``, so ``loss`` may use it).
+    ``updates``: new values of the balancer's buffers that ``select`` or ``loss`` computed
+    in training mode (buffer name -> tensor); the router applies them with
+    :meth:`Balancer.commit` once the forward has succeeded.
     """
 
     logits_TE: torch.Tensor
     seq_len: Optional[int] = None
     group: Optional["dist.ProcessGroup"] = None
     counts_E: Optional[torch.Tensor] = None
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Balancer(nn.Module):
@@ -42,9 +46,15 @@ class Balancer(nn.Module):
        Gate weights never come from here: the router always takes them from the unbiased
        ``scores_TE``.
     2. ``loss(scores_TE, indices_TK, ctx) -> scalar``: the auxiliary loss, zero by default.
-    3. ``observe(loads_E)`` with the tokens per expert actually routed (training mode only).
+    3. ``observe(loads_E, ctx)`` with the tokens per expert actually routed (training mode
+       only), called when the forward is committed (see below).
 
     ``step()`` is called once per optimizer step; balancers with state update it there.
+
+    A forward is committed all or nothing: ``select`` and ``loss`` never write a buffer;
+    a new value they compute goes to ``ctx.updates[name]`` (training mode only), and the
+    router, once the whole forward has succeeded, calls ``commit(ctx.updates)`` (which
+    copies them in) and then ``observe``, which may write buffers directly.
     All state lives in registered buffers so ``state_dict`` round-trips exactly. A balancer
     is a submodule of the router, so ``self.training`` tells it whether it may update state:
     in ``eval()`` none does.
@@ -71,6 +81,11 @@ class Balancer(nn.Module):
         self, scores_TE: torch.Tensor, indices_TK: torch.Tensor, ctx: RoutingContext
     ) -> torch.Tensor:
         return scores_TE.new_zeros(())
+
+    def commit(self, updates: dict[str, torch.Tensor]) -> None:
+        """Copy the new buffer values of one committed forward into the buffers."""
+        for name, value in updates.items():
+            self._buffers[name].copy_(value)
 
     def observe(self, loads_E: torch.Tensor, ctx: RoutingContext) -> None:
         pass

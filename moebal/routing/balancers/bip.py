@@ -100,8 +100,9 @@ class BIPBalancer(Balancer):
     leave the first batches unbalanced; later batches start from the previous batch's q.
 
     In ``eval()`` q is not updated: every batch is routed with the stored q, in either
-    order. Gate weights are the unbiased scores (the router's rule). The update runs in
-    the forward pass, per batch; ``step()`` has nothing to do.
+    order. Gate weights are the unbiased scores (the router's rule). The update is computed
+    in the forward pass, per batch, and applied when the forward is committed; ``step()``
+    has nothing to do.
 
     State (buffers): ``q_E``, ``num_updates`` (batches that updated q).
     """
@@ -133,8 +134,11 @@ class BIPBalancer(Balancer):
         indices_TK, q_E = bip_route(
             s_TE, q_E, top_k, self._iters(), cfg.bip_pin_q, cfg.bip_order, self._ws
         )
-        with torch.no_grad():
-            self.q_E.copy_(q_E)
-            self.num_updates.add_(1)
-        self._updated = (self.num_updates._version, True)
+        ctx.updates["q_E"] = q_E
+        ctx.updates["num_updates"] = self.num_updates + 1
         return indices_TK
+
+    def commit(self, updates: dict[str, torch.Tensor]) -> None:
+        super().commit(updates)
+        if "num_updates" in updates:
+            self._updated = (self.num_updates._version, True)

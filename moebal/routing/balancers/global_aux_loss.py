@@ -51,11 +51,12 @@ class GlobalAuxLoss(Balancer):
         all_reduce_sum_(packed, ctx.group)
         counts_E, tokens = packed[:E], packed[E]
         if self.training:
-            with torch.no_grad():
-                self.counts_sum_E.add_(counts_E)
-                self.tokens_sum.add_(tokens)
-                self.micro_batches.add_(1)
-            counts_E, tokens = self.counts_sum_E, self.tokens_sum
+            # the counts since the last step, this micro-batch included (applied at commit)
+            counts_E = self.counts_sum_E + counts_E
+            tokens = self.tokens_sum + tokens
+            ctx.updates["counts_sum_E"] = counts_E
+            ctx.updates["tokens_sum"] = tokens
+            ctx.updates["micro_batches"] = self.micro_batches + 1
         return switch_aux_loss(scores_TE, counts_E, tokens, K, self.config.aux_loss_coeff)
 
     def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:

@@ -70,9 +70,8 @@ class QuantileBalancer(Balancer):
             y_TE = self._ws.get("y_TE", tuple(logits_TE.shape), logits_TE)
             return topk_indices(torch.sub(logits_TE, self.beta_E, out=y_TE), top_k)
         indices_TK, beta_local_E = quantile_dual_update(logits_TE, self.beta_E, top_k, self._ws)
-        with torch.no_grad():
-            self.beta_sum_E.add_(beta_local_E)
-            self.micro_batches.add_(1)
+        ctx.updates["beta_sum_E"] = self.beta_sum_E + beta_local_E
+        ctx.updates["micro_batches"] = self.micro_batches + 1
         return indices_TK
 
     def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:
