@@ -29,8 +29,13 @@ class ModelConfig:
     dense_hidden        hidden size of those dense FFNs; None = top_k * expert_hidden,
                         the active size of a routed layer.
     balancer            any registered balancer name (``moebal.routing.BALANCERS``).
-    router_options      other ``RouterConfig`` keyword arguments (score_function,
-                        aux_loss_coeff, capacity_factor, ...).
+    router_options      the router's other options in flat form: router knobs
+                        (score_function, capacity_factor, ...) and balancer options under
+                        their flat names (aux_loss_coeff, bip_iters, ...; see
+                        ``moebal.routing.router_option_names()``). Each is validated; those
+                        the chosen balancer does not read are left out, so one set can be
+                        shared by several balancers (``moebal compare``). The typed config
+                        the routers are built from is ``router_config()``.
     init_std            std of the normal initialisation; residual output projections use
                         init_std / sqrt(2 * n_layers) (GPT-2).
     """
@@ -108,18 +113,16 @@ class ModelConfig:
 
     def router_config(self) -> RouterConfig:
         """The RouterConfig every MoE layer's router is built from."""
-        known = {f.name for f in dataclasses.fields(RouterConfig)}
-        unknown = sorted(set(self.router_options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown router option(s) {unknown}; known: {sorted(known - set(_ROUTER_FIELDS_FROM_MODEL))}"
+        try:
+            return RouterConfig.from_options(
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                balancer=self.balancer,
+                strict=False,
+                **copy.deepcopy(self.router_options),
             )
-        return RouterConfig(
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            balancer=self.balancer,
-            **copy.deepcopy(self.router_options),
-        )
+        except TypeError as exc:  # an unknown option name
+            raise ValueError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; ``ModelConfig.from_dict(c.to_dict()) == c``."""

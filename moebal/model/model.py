@@ -6,12 +6,14 @@ Block:  x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
         Attention: rotary positions, causal scaled_dot_product_attention.
         FFN: a dense SwiGLU in the first ``dense_layers`` blocks, else an MoELayer:
              gate Linear(D->E) -> moebal Router -> GroupedExperts (+ shared experts).
+
+Each forward hands one RoutingLog down the blocks: every MoE layer adds its Routing, and
+the balancer updates they stage are committed once the whole forward has succeeded.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -82,13 +84,11 @@ class SwiGLU(nn.Module):
 class MoELayer(nn.Module):
     """Gate, router, routed experts and optional shared experts on a flat ``[T, D]`` batch.
 
-    ``forward(x_TD, seq_len=None) = experts(x_TD, router(gate(x_TD), seq_len)) (+ shared)``.
-    The gate runs in float32. The routing of the last forward is kept in ``last_routing``.
-    With the class flag ``MoELayer.timing = True`` the wall time of gate + router is added
-    to ``router_seconds`` (the caller resets it, and synchronises on CUDA).
+    ``forward(x_TD, seq_len=None, log=None) = experts(x_TD, routing) (+ shared(x_TD))`` with
+    ``routing = router.route(x_TD, gate.weight, ...)`` (the gate in float32). The routing is
+    appended to ``log`` (a :class:`~moebal.routing.RoutingLog`), whose ``commit()`` applies
+    the balancer update; without a log the router applies it before returning.
     """
-
-    timing: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -99,25 +99,16 @@ class MoELayer(nn.Module):
         self.shared: Optional[SwiGLU] = (
             SwiGLU(D, config.num_shared_experts * Fh) if config.num_shared_experts else None
         )
-        self.last_routing: Optional[Routing] = None
-        self.router_seconds = 0.0
 
     def route(
         self, x_TD: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
     ) -> Routing:
-        start = time.perf_counter() if self.timing else 0.0
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        routing = self.router(logits_TE, seq_len, log=log)
-        if self.timing:
-            self.router_seconds += time.perf_counter() - start
-        return routing
+        return self.router.route(x_TD, self.gate.weight, seq_len=seq_len, log=log)[1]
 
     def forward(
         self, x_TD: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
     ) -> torch.Tensor:
         routing = self.route(x_TD, seq_len, log)
-        self.last_routing = routing
         y_TD = self.experts(x_TD, routing)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -184,6 +175,7 @@ class MoEModel(nn.Module):
         self.norm = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
+        self.time_routers = False  # forward's default for time_routers
         head_dim = config.d_model // config.n_heads
         self.register_buffer("rotary", rotary_table(config.seq_len, head_dim), persistent=False)
         self.reset_parameters()
@@ -219,6 +211,12 @@ class MoEModel(nn.Module):
         for router in self.routers():
             router.step()
 
+    def set_auto_step(self, auto_step: bool) -> None:
+        """``router.auto_step`` for every router: False when the training loop calls
+        ``step_routers()`` once per optimizer step (see :class:`~moebal.routing.Router`)."""
+        for router in self.routers():
+            router.auto_step = bool(auto_step)
+
     def num_params(self, active: bool = False) -> int:
         """Parameters (the tied embedding counted once); ``active=True`` counts only the
         top_k routed experts a token uses in each MoE layer."""
@@ -239,8 +237,18 @@ class MoEModel(nn.Module):
             )
 
     def forward(
-        self, tokens_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None
+        self, tokens_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
+        *, time_routers: Optional[bool] = None,
     ) -> ModelOutput:
+        """Logits (and losses, with targets) of ``tokens_BS``; see :class:`ModelOutput`.
+
+        The balancers' updates of this forward are applied at its end, all or none: a
+        forward that raises (e.g. :class:`~moebal.routing.NonFiniteLogits`) changes none.
+        ``time_routers``: measure the gates and routers into ``router_seconds`` (None: the
+        model's ``time_routers`` attribute, False unless set).
+        """
+        if time_routers is None:
+            time_routers = self.time_routers
         self._check_tokens("tokens", tokens_BS)
         B, S = tokens_BS.shape
         if not 1 <= S <= self.config.seq_len:
@@ -256,7 +264,7 @@ class MoEModel(nn.Module):
 
         # every MoE layer adds its routing to the log; their balancer updates wait there
         # and are committed only once the whole forward has succeeded
-        log = RoutingLog()
+        log = RoutingLog(timed=time_routers)
         x_BSD = self.embed(tokens_BS)
         for block in self.blocks:
             x_BSD = block(x_BSD, self.rotary, log)

@@ -298,11 +298,9 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = model if model is not None else MoEModel(model_cfg)
         self.model.to(self.device)
-        # Routers step only when told (once per optimizer step), from the very first batch:
-        # Router.step() in eval mode sets that mode without updating any balancer state.
-        self.model.eval()
-        self.model.step_routers()
-        self.model.train()
+        # Routers step only when told (once per optimizer step), from the very first batch.
+        self.model.set_auto_step(False)
+        self.model.time_routers = train_cfg.router_timing
 
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -385,8 +383,7 @@ class Trainer:
         cfg = self.train_cfg
         model = self.model
         model.train()
-        for layer in self.moe_layers:
-            layer.router_seconds = 0.0
+        router_seconds = 0.0
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -406,12 +403,11 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             totals += torch.stack([out.loss.detach(), out.lm_loss.detach(),
                                    out.router_loss.detach().float()])
+            router_seconds += out.router_seconds
             if L:
                 loads_LE += out.loads_LE
             if self.tracer is not None:
-                self.tracer.add_micro_batch(
-                    [layer.last_routing for layer in self.moe_layers], m * cfg.batch_size
-                )
+                self.tracer.add_micro_batch(out.routings, m * cfg.batch_size)
         loss, lm_loss, aux_loss = (self.reduce_losses(totals) / cfg.grad_accum).tolist()
         lr = self.lr
         step = self.step + 1
@@ -428,7 +424,6 @@ class Trainer:
             self.step = step
         self._sync()
         seconds = time.perf_counter() - start
-        router_seconds = sum(layer.router_seconds for layer in self.moe_layers)
         loads_np = self.reduce_loads(loads_LE).cpu().numpy()
         if self.tracker is not None and finite:
             routed_slots = cfg.global_batch * self.model_cfg.seq_len * self.model_cfg.top_k
@@ -578,10 +573,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        # routers keep stepping explicitly (see __init__)
-        self.model.eval()
-        self.model.step_routers()
-        self.model.train()
+        self.model.set_auto_step(False)  # routers keep stepping explicitly (see __init__)
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> Path:
         path = Path(path)
@@ -615,28 +607,17 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     @contextlib.contextmanager
     def _run_context(self):
-        """Deterministic algorithms on CPU, thread count and router timing, restored afterwards."""
+        """Deterministic algorithms on CPU and the thread count, restored afterwards."""
         was_det = torch.are_deterministic_algorithms_enabled()
         was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-        was_timing = MoELayer.timing
         was_threads = torch.get_num_threads()
-        hooks = []
         try:
             if self.train_cfg.threads:
                 torch.set_num_threads(self.train_cfg.threads)
             if self.train_cfg.deterministic and self.device.type == "cpu":
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            MoELayer.timing = self.train_cfg.router_timing
-            if self.train_cfg.router_timing and self.device.type == "cuda":
-                sync = lambda *a: torch.cuda.synchronize(self.device)  # noqa: E731
-                for layer in self.moe_layers:  # time the router's kernels, not their launch
-                    hooks.append(layer.register_forward_pre_hook(sync))
-                    hooks.append(layer.router.register_forward_hook(sync))
             yield
         finally:
-            for h in hooks:
-                h.remove()
-            MoELayer.timing = was_timing
             torch.set_num_threads(was_threads)
             torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 

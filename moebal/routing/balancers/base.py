@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -34,6 +35,42 @@ class RoutingContext:
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(kw_only=True)
+class BalancerConfig:
+    """The typed options of one balancer; each balancer nests its own as ``Balancer.Config``.
+
+    Fields are the balancer's knobs with their defaults; ``validate()`` (run on
+    construction) raises ValueError naming a bad value. ``flat_names`` maps each field to
+    its flat, Megatron-style option name (``iters`` -> ``bip_iters``), the spelling of
+    ``RouterConfig.from_options``, ``ModelConfig.router_options`` and ``--set router.X``.
+    ``name`` is the registered balancer name (set by :func:`register_balancer`);
+    ``build(router_config)`` makes the balancer.
+    """
+
+    name: ClassVar[str] = ""
+    flat_names: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def build(self, router_config: "RouterConfig") -> "Balancer":
+        return BALANCERS[router_config.balancer_name](router_config)
+
+    def flat(self) -> dict[str, Any]:
+        """The options under their flat names: ``{"bip_iters": 2, ...}``."""
+        return {self.flat_names.get(f.name, f.name): getattr(self, f.name)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_flat(cls, options: dict[str, Any]) -> "BalancerConfig":
+        """The config from flat names (each must be one of ``flat_names``' values)."""
+        field_of = {flat: name for name, flat in cls.flat_names.items()}
+        return cls(**{field_of[k]: v for k, v in options.items()})
+
+
 class Balancer(nn.Module):
     """One balancing method: how experts are chosen, and what loss or state it keeps.
 
@@ -62,13 +99,20 @@ class Balancer(nn.Module):
     A balancer that keeps the default ``select`` and ``selection_scores`` chooses by the
     plain top-k of the scores; the router then takes the gate weights straight from
     ``torch.topk`` and never calls ``select``.
+
+    Its options are a nested ``Config`` dataclass (a :class:`BalancerConfig`); it is built
+    with the whole :class:`~moebal.routing.RouterConfig` (``self.config``, for E, K and
+    the score function) and reads its own options as ``self.options`` (that config's
+    ``balancer``).
     """
 
     name: str = ""
+    Config: ClassVar[type[BalancerConfig]] = BalancerConfig
 
     def __init__(self, config: "RouterConfig") -> None:
         super().__init__()
         self.config = config
+        self.options = config.balancer
 
     def selection_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         return scores_TE
@@ -103,7 +147,11 @@ def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
     def wrap(cls: type[Balancer]) -> type[Balancer]:
         if name in BALANCERS:
             raise ValueError(f"balancer {name!r} is registered twice")
+        if "Config" not in cls.__dict__:  # no options of its own: an empty config named for it
+            cls.Config = dataclass(kw_only=True)(type("Config", (cls.Config,), {
+                "__qualname__": f"{cls.__qualname__}.Config", "__module__": cls.__module__}))
         cls.name = name
+        cls.Config.name = name
         BALANCERS[name] = cls
         return cls
 
