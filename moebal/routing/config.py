@@ -174,9 +174,10 @@ class RouterConfig:
                    balancer_name=balancer, **router)
 
     def validate(self) -> None:
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        check_int("num_experts", self.num_experts, minimum=1)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not (
+            1 <= self.top_k <= self.num_experts
+        ):
             raise ValueError(
                 f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k!r}"
             )
