@@ -12,7 +12,7 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 @dataclass

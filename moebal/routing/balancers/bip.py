@@ -17,7 +17,7 @@ from moebal.routing.kernels import Workspace, kth_largest, topk_indices
 from moebal.routing.validate import check_bool, check_choice, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 def bip_dual_iterations(

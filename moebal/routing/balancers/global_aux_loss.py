@@ -14,7 +14,7 @@ from moebal.routing.balancers.base import Balancer, RoutingContext, register_bal
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 @register_balancer("global_aux_loss")

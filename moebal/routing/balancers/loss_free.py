@@ -20,7 +20,7 @@ from moebal.routing.validate import check_choice, check_number
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 @register_balancer("loss_free")
