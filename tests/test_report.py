@@ -230,3 +230,25 @@ def test_time_claim_is_within_noise_on_a_busy_machine_with_one_seed():
     busy = {c.key: c for c in check_claims(summaries, {"cpu_count": 2, "load_average_at_start": 7.5})}
     assert busy["bip_time"].verdict == WITHIN_NOISE
     assert "load average up to 7.5 on 2" in busy["bip_time"].evidence
+
+
+def test_dropped_slots_are_shown_when_a_capacity_drops_tokens():
+    from moebal.report.document import results_table
+
+    dropless = summarize(_results([_run("none", 0, 10, dropped_frac=0.0)]))
+    assert "Dropped slots" not in results_table(dropless).header
+    capped = summarize(_results([_run("none", 0, 10, dropped_frac=0.125),
+                                 _run("bip", 0, 11, dropped_frac=0.0)]))
+    table = results_table(capped)
+    assert table.header[-1] == "Dropped slots"
+    assert {row[0]: row[-1] for row in table.rows} == {"None (plain top-k)": "12.5%",
+                                                       "BIP": "0.0%"}
+
+
+def test_results_of_schema_1_are_read_under_the_current_names():
+    old = json.loads(FIXTURE.read_text())
+    assert old["schema"] == "moebal.compare.results/1" and "final_val_ppl" in old["runs"][0]
+    new = validate_results(old)
+    assert new["schema"] == SCHEMA
+    assert new["runs"][0]["val_ppl"] == old["runs"][0]["final_val_ppl"]
+    assert new["runs"][0]["train_seconds"] == old["runs"][0]["train_time_s"]

@@ -131,7 +131,13 @@ def results_table(summaries: list[MethodSummary]) -> Table:
             fmt_throughput(st("tokens_per_s")),
             fmt_stat(st("router_time_share"), 1, 100.0, "%"),
         ])
-    return Table(header, rows, "lllrrrrrrrrr")
+    # with a capacity factor, MaxVio is measured against the ideal T*K/E of the slots
+    # routed, so the share of them dropped stands beside it
+    if any(st.ok and st.mean for st in (s.stat("dropped_frac") for s in summaries)):
+        header.append("Dropped slots")
+        for row, s in zip(rows, summaries):
+            row.append(fmt_stat(s.stat("dropped_frac"), 1, 100.0, "%"))
+    return Table(header, rows, "lllrrrrrrrrr" + "r" * (len(header) - 12))
 
 
 def _claim_item(c: ClaimCheck) -> str:

@@ -38,6 +38,7 @@ folder can be copied elsewhere (or only its ``results.json``) and ``moebal repor
           "wall_seconds": 61.0,                      # with evaluations and checkpoints
           "tokens_per_s": 20150.0,
           "router_time_share": 0.04,                 # router seconds / step seconds
+          "dropped_frac": 0.0,                       # token-slots dropped by capacity
           "series": {
             "step": [...], "loss": [...], "max_vio_batch": [...],   # per training step
             "eval_step": [...], "val_ppl": [...], "eval_max_vio_global": [...]
@@ -84,6 +85,7 @@ RUN_METRICS = (
     "wall_seconds",
     "tokens_per_s",
     "router_time_share",
+    "dropped_frac",
 )
 
 # canonical order and names of the methods, for tables and plot colours

@@ -99,6 +99,7 @@ def run_record(method: str, seed: int, run_dir: Path, out: Path,
             wall_seconds=f(result.wall_seconds),
             tokens_per_s=f(result.tokens_per_s),
             router_time_share=f(result.router_time_share),
+            dropped_frac=f(result.dropped_frac),
             params=int(result.params),
             active_params=int(result.active_params),
         )

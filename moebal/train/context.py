@@ -1,8 +1,8 @@
 """Where and how a run computes, and what it changes in the process while it trains.
 
 - :func:`resolve_device` / :func:`resolve_amp_dtype`: "auto" made concrete;
-- :func:`run_settings`: deterministic algorithms on CPU, torch's thread count and the
-  router timing, set for the run and restored afterwards;
+- :func:`run_settings`: deterministic algorithms on CPU and torch's thread count, set for
+  the run and restored afterwards;
 - :class:`StopSignals`: SIGINT/SIGTERM as a request to stop after the current step (and
   checkpoint), not a kill. The first one sets :attr:`StopSignals.signum`; the training loop
   finishes the step it is in, writes a checkpoint and raises
@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 
-from moebal.model import MoELayer
 from moebal.train.config import TrainConfig
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -42,30 +41,18 @@ def resolve_amp_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 @contextlib.contextmanager
-def run_settings(cfg: TrainConfig, device: torch.device,
-                 moe_layers: Sequence[MoELayer]) -> Iterator[None]:
-    """Deterministic algorithms on CPU, thread count and router timing, restored afterwards."""
+def run_settings(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms on CPU and the thread count, restored afterwards."""
     was_det = torch.are_deterministic_algorithms_enabled()
     was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_timing = MoELayer.timing
     was_threads = torch.get_num_threads()
-    hooks = []
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic and device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
-        MoELayer.timing = cfg.router_timing
-        if cfg.router_timing and device.type == "cuda":
-            sync = lambda *a: torch.cuda.synchronize(device)  # noqa: E731
-            for layer in moe_layers:  # time the router's kernels, not their launch
-                hooks.append(layer.register_forward_pre_hook(sync))
-                hooks.append(layer.router.register_forward_hook(sync))
         yield
     finally:
-        for h in hooks:
-            h.remove()
-        MoELayer.timing = was_timing
         torch.set_num_threads(was_threads)
         torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 

@@ -56,6 +56,12 @@ class StepStats:
     max_vio_batch: float
     max_vio_layers: list[float]
     loads_LE: np.ndarray
+    dropped_frac_layers: list[float] = field(default_factory=list)
+
+    @property
+    def dropped_frac(self) -> float:
+        """Share of the step's token-slots capacity dropped, averaged over MoE layers."""
+        return float(np.mean(self.dropped_frac_layers)) if self.dropped_frac_layers else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,6 +86,8 @@ class StepStats:
             "router_time_share": self.router_time_share,
             "max_vio_batch": self.max_vio_batch,
             "max_vio_batch_layers": self.max_vio_layers,
+            "dropped_frac": self.dropped_frac,
+            "dropped_frac_layers": self.dropped_frac_layers,
             "loads": self.loads_LE.tolist(),
             "tokens": total_tokens,
             "elapsed": elapsed,
@@ -169,6 +177,7 @@ class TrainResult:
     preset: str = ""
     diverged_step: Optional[int] = None
     divergence: Optional[str] = None
+    dropped_frac: float = float("nan")
     out_dir: Optional[str] = None
     model_config: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)

@@ -89,7 +89,4 @@ def restore(trainer: Any, state: dict[str, Any], source: str) -> None:
         setattr(trainer, name, float(totals[name]))
     trainer.evals = list(state["evals"])
     set_rng_state(state["rng"])
-    # routers keep stepping explicitly (see Trainer.__init__)
-    trainer.model.eval()
-    trainer.model.step_routers()
-    trainer.model.train()
+    trainer.model.set_auto_step(False)  # routers keep stepping explicitly (see Trainer.__init__)

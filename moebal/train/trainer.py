@@ -33,11 +33,11 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 
-import moebal.routing as routing
 from moebal.data import BatchSampler, Corpus, eval_windows
 from moebal.data.batches import windows_to_batch
 from moebal.metrics import BalanceTracker
 from moebal.model import MoELayer, MoEModel, ModelConfig
+from moebal.routing import NonFiniteLogits
 from moebal.train.config import TrainConfig, check_configs
 from moebal.train.context import StopSignals, resolve_amp_dtype, resolve_device, run_settings
 from moebal.train.errors import NonFiniteLoss, RunInterrupted
@@ -46,15 +46,6 @@ from moebal.train.results import History, StepStats, TrainResult
 from moebal.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from moebal.train.state import capture, restore
 from moebal.train.trace import RoutingTrace, TraceRecorder, save_trace
-
-def is_nonfinite_logits(exc: ValueError) -> bool:
-    """Whether the router refused NaN/inf logits (the run diverged) rather than bad input.
-    By type once ``moebal.routing.NonFiniteLogits`` exists; until then by its message."""
-    typed = getattr(routing, "NonFiniteLogits", None)
-    if typed is not None:
-        return isinstance(exc, typed)
-    return "NaN" in str(exc) or "inf" in str(exc)
-
 
 class Trainer:
     """The state of one training run and the pieces of its loop.
@@ -103,11 +94,9 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = model if model is not None else MoEModel(model_cfg)
         self.model.to(self.device)
-        # Routers step only when told (once per optimizer step), from the very first batch:
-        # Router.step() in eval mode sets that mode without updating any balancer state.
-        self.model.eval()
-        self.model.step_routers()
-        self.model.train()
+        # Routers step only when told (once per optimizer step), from the very first batch.
+        self.model.set_auto_step(False)
+        self.model.time_routers = train_cfg.router_timing
 
         self.optimizer, self.scheduler = build_optimizer(self.model, train_cfg, self.device)
         self.moe_layers = self.model.moe_layers()
@@ -191,8 +180,7 @@ class Trainer:
         cfg = self.train_cfg
         model = self.model
         model.train()
-        for layer in self.moe_layers:
-            layer.router_seconds = 0.0
+        router_seconds = 0.0
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,20 +194,17 @@ class Trainer:
             try:
                 with self.autocast():
                     out = model(x_BS, y_BS)
-            except ValueError as exc:
-                if not is_nonfinite_logits(exc):
-                    raise
-                totals.fill_(float("nan"))  # diverged: every process learns it from the loss
+            except NonFiniteLogits:  # the router refuses NaN/inf logits: diverged
+                totals.fill_(float("nan"))  # every process learns it from the loss
                 break
             (out.loss / cfg.grad_accum).backward()
             totals += torch.stack([out.loss.detach(), out.lm_loss.detach(),
                                    out.router_loss.detach().float()])
+            router_seconds += out.router_seconds
             if L:
                 loads_LE += out.loads_LE
             if self.tracer is not None:
-                self.tracer.add_micro_batch(
-                    [layer.last_routing for layer in self.moe_layers], m * cfg.batch_size
-                )
+                self.tracer.add_micro_batch(out.routings, m * cfg.batch_size)
         loss, lm_loss, aux_loss = (self.reduce_losses(totals) / cfg.grad_accum).tolist()
         lr = self.lr
         step = self.step + 1
@@ -236,13 +221,14 @@ class Trainer:
             self.step = step
         self._sync()
         seconds = time.perf_counter() - start
-        router_seconds = sum(layer.router_seconds for layer in self.moe_layers)
         loads_np = self.reduce_loads(loads_LE).cpu().numpy()
         if self.tracker is not None and finite:
-            max_vio = self.tracker.record(loads_np, step=step)
+            routed_slots = cfg.global_batch * self.model_cfg.seq_len * self.model_cfg.top_k
+            max_vio = self.tracker.record(loads_np, step=step, routed_slots=routed_slots)
             vio_layers = self.tracker.per_layer[-1].tolist()
+            dropped_layers = self.tracker.dropped[-1].tolist()
         else:
-            max_vio, vio_layers = float("nan"), []
+            max_vio, vio_layers, dropped_layers = float("nan"), [], []
         tokens = cfg.global_batch * self.model_cfg.seq_len
         if not finite:
             if self.tracer is not None:
@@ -257,7 +243,7 @@ class Trainer:
         self.train_seconds += seconds
         self.router_seconds += router_seconds
         return StepStats(step, loss, lm_loss, aux_loss, lr, grad_norm, tokens, seconds,
-                         router_seconds, max_vio, vio_layers, loads_np)
+                         router_seconds, max_vio, vio_layers, loads_np, dropped_layers)
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed validation windows, ``batch_size`` at a time."""
@@ -281,7 +267,8 @@ class Trainer:
                 loss_sum += float(out.lm_loss) * y_BS.numel()
                 count += y_BS.numel()
                 if self.tracker is not None:
-                    self.tracker.accumulate_global(self.reduce_loads(out.loads_LE).cpu().numpy())
+                    self.tracker.accumulate_global(self.reduce_loads(out.loads_LE).cpu().numpy(),
+                                                   out.routed_slots)
         finally:
             self.model.train()
         val_loss = loss_sum / count
@@ -375,7 +362,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step",
                    disable=not progress, dynamic_ncols=True)
         try:
-            with run_settings(cfg, self.device, self.moe_layers), StopSignals() as stop:
+            with run_settings(cfg, self.device), StopSignals() as stop:
                 while self.step < cfg.steps:
                     try:
                         stats = self.train_step()
@@ -447,6 +434,7 @@ class Trainer:
             preset=self.preset,
             diverged_step=self.diverged_step,
             divergence=self.divergence,
+            dropped_frac=self.tracker.dropped_frac if self.tracker is not None else nan,
             out_dir=str(self.out_dir) if self.out_dir is not None else None,
             model_config=self.model_cfg.to_dict(),
             train_config=self.train_cfg.to_dict(),
