@@ -267,3 +267,14 @@ def test_a_damaged_rank_checkpoint_of_a_parallel_run_is_refused(data, tmp_path):
     assert done.returncode != 0
     assert f"checkpoint {str(ckpt)!r} is damaged" in done.stderr, done.stderr
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_train_help_states_the_checkpoint_defaults(capsys):
+    from moebal.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "checkpoint_every steps (default 0 = off for micro and tiny" in text
+    assert "checkpoint_interval_s seconds of wall time (default 600" in text
+    assert "130 (SIGINT) or 143 (SIGTERM)" in text
