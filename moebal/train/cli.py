@@ -171,5 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m moebal.train`` (what torchrun launches)."""
     parser = argparse.ArgumentParser(prog="python -m moebal.train", description=__doc__)
     add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    return run_command(run, args, ["python", "-m", "moebal.train", *(argv or sys.argv[1:])])
+    return run_command(run, args, ["python", "-m", "moebal.train", *argv])
