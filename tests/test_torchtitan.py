@@ -131,11 +131,13 @@ def test_none_equals_unpatched_block_forward_and_backward(options):
 
 def _tiny_decoder(family):
     from torchtitan.models.deepseek_v3 import model_registry as deepseek
+    from torchtitan.models.gpt_oss import model_registry as gpt_oss
     from torchtitan.models.qwen3 import model_registry as qwen3
 
     registry, flavor, layers = {"qwen3": (qwen3, "debugmodel_moe", 1),
-                                "deepseek_v3": (deepseek, "debugmodel", 2)}[family]
-    config = registry(flavor).model
+                                "deepseek_v3": (deepseek, "debugmodel", 2),
+                                "gpt_oss": (gpt_oss, "debugmodel", 1)}[family]
+    config = registry(flavor, attn_backend="flex").model
     config = dataclasses.replace(config, layers=config.layers[:layers])
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -161,6 +163,26 @@ def test_none_equals_unpatched_whole_model_logits(family):
         assert int(handle.loads().sum()) == 16 * model.layers[handle.names[0].split(".")[1]].moe.router.top_k
         handle.unpatch()
         assert torch.equal(model(tokens, positions=positions, attention_masks=masks), ref)
+
+
+def test_none_equals_unpatched_gpt_oss_routers():
+    # gpt_oss builds on CPU, but neither its attention (sinks: flex attention with
+    # return_lse) nor its experts (bf16 output into a float32 scatter-add) run there: compare
+    # its routers (TokenChoiceTopKRouter with a gate bias, inside GptOssMoE)
+    model, _ = _tiny_decoder("gpt_oss")
+    blocks = moe_blocks(model)
+    assert blocks and type(blocks[0][1]).__name__ == "GptOssMoE"
+    assert blocks[0][1].router.gate.bias is not None
+    originals = [block.router for _, block in blocks]
+    x = torch.randn(2, 8, originals[0].gate.weight.shape[1],
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        handle = patch_model(model, "none")
+        assert handle.names == [name for name, _ in blocks]
+        for original, (_, block) in zip(originals, blocks):
+            ref, got = original(x, block.expert_bias_E), block.router(x, block.expert_bias_E)
+            for a, b in zip(ref, got):
+                assert torch.equal(a, b)
 
 
 # -- loss_free routes as torchtitan's own expert bias --------------------------------------------
@@ -204,6 +226,28 @@ def test_bip_and_quantile_lower_maxvio_within_a_few_steps(balancer):
             handle.step()
     after = handle.max_vio()
     assert (after < 0.5 * before).all(), (before, after)
+
+
+def test_activation_checkpointing_recompute_routes_as_the_forward_did():
+    from torch.utils.checkpoint import checkpoint
+
+    data = batches(2, skew=2.0)
+    runs = []
+    for recompute in (False, True):
+        model = Stack()
+        handle = patch_model(model, "bip")
+        for x in data:
+            model.zero_grad()
+            h = x
+            for block in model.layers.values():
+                h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+            h.square().sum().backward()
+            loads = handle.step()
+        runs.append((loads, [p.grad.clone() for p in model.parameters()], handle.state_dict()))
+    (loads_a, grads_a, state_a), (loads_b, grads_b, state_b) = runs
+    assert torch.equal(loads_a, loads_b)  # the recompute is not counted again
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 # -- state ---------------------------------------------------------------------------------------
