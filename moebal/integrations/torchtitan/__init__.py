@@ -34,6 +34,7 @@ from moebal.integrations.torchtitan.router import (
     moe_blocks,
     patch_model,
     router_config,
+    router_option_names,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "patch_model",
     "place_experts",
     "router_config",
+    "router_option_names",
     "scheduled_dispatchers",
     "sync_replica_grads",
     "use_scheduled_dispatcher",

@@ -71,6 +71,11 @@ def router_config(*, num_experts: int, top_k: int, score_function: str, norm_top
                         norm_topk_prob=norm_topk_prob, balancer=balancer, **options)
 
 
+def router_option_names() -> set[str]:
+    """The options :func:`router_config` accepts besides ``balancer``."""
+    return {f.name for f in fields(RouterConfig)} - {"balancer"}
+
+
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoE]]:
     """``(name, block)`` of every torchtitan ``MoE`` block of ``model``, in model order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
@@ -325,15 +330,16 @@ def _block_config(name: str, block: MoE, balancer: str, options: dict[str, Any],
 
 
 @torch.no_grad()
-def _verify(name: str, block: MoE, balanced: BalancedRouter) -> None:
+def _verify(name: str, block: MoE) -> None:
     """On a random probe, the balanced router with no balancer must compute what the
     original router computes; a torchtitan version whose router differs is refused."""
     router = block.router
     weight = router.gate.weight
     generator = torch.Generator().manual_seed(0)
     x_BLD = torch.randn(2, 8, weight.shape[1], generator=generator).to(weight)
-    probe_cfg = RouterConfig(**{**balanced.moebal.config.__dict__, "balancer": "none",
-                                "extra": dict(balanced.moebal.config.extra)})
+    probe_cfg = router_config(num_experts=router.num_experts, top_k=router.top_k,
+                              score_function=router.score_func,
+                              norm_topk_prob=bool(router.route_norm), balancer="none", options={})
     probe = BalancedRouter(router, Router(probe_cfg), name).to(weight.device).eval()
     ref = TokenChoiceTopKRouter.forward(router, x_BLD, None)
     got = probe(x_BLD)
@@ -379,7 +385,7 @@ def patch_model(
         raise TypeError(f"balancer must be a name (str), got {type(balancer).__name__}")
     if model_bias not in MODEL_BIAS_POLICIES:
         raise ValueError(f"model_bias must be one of {MODEL_BIAS_POLICIES}, got {model_bias!r}")
-    known = {f.name for f in fields(RouterConfig)} - {"balancer"}
+    known = router_option_names()
     unknown = sorted(set(router_options) - known)
     if unknown:
         raise TypeError(f"unknown router options {unknown}; known: {sorted(known)}")
@@ -398,7 +404,7 @@ def patch_model(
     for name, block in blocks:
         config = _block_config(name, block, balancer, router_options, model_bias)
         balanced = BalancedRouter(block.router, Router(config, group=group), name)
-        _verify(name, block, balanced)
+        _verify(name, block)
         if model_bias == "init" and block.expert_bias_E is not None:
             bias_E = getattr(balanced.moebal.balancer, "bias_E", None)
             if not isinstance(bias_E, torch.Tensor):
@@ -428,4 +434,4 @@ def get_handle(model: nn.Module) -> Optional[TitanPatchHandle]:
 
 
 __all__ = ["BalancedRouter", "TitanPatchHandle", "get_handle", "moe_blocks", "patch_model",
-           "router_config"]
+           "router_config", "router_option_names"]
