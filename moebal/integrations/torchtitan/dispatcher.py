@@ -27,7 +27,9 @@ let torchtitan's ``parallelize`` apply its EP sharding (or FSDP over the EP dime
 them, and checkpoint them per rank. Replicas see different tokens, so after backward
 :func:`sync_replica_grads` sums each expert's gradient over the ranks holding it; with the
 same optimizer the replicas then stay identical. With the ``standard`` placement and
-``slots_per_rank = E / EP`` each expert has one replica and the layout is torchtitan's.
+``slots_per_rank = E / EP`` each expert has one replica, as in torchtitan, but moebal deals
+the experts out round-robin (expert e on rank ``e mod EP``) where torchtitan's shard is a
+contiguous block.
 
 Per forward, a :class:`DispatchRecord` (makespan, its lower bound, the makespan of a fixed
 replica per source, tokens moved) is appended to the list handed to ``record_into``.
