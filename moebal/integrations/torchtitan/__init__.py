@@ -34,7 +34,6 @@ from moebal.integrations.torchtitan.router import (
     moe_blocks,
     patch_model,
     router_config,
-    router_option_names,
 )
 
 __all__ = [
@@ -47,7 +46,6 @@ __all__ = [
     "patch_model",
     "place_experts",
     "router_config",
-    "router_option_names",
     "scheduled_dispatchers",
     "sync_replica_grads",
     "use_scheduled_dispatcher",

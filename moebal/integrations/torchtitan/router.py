@@ -37,8 +37,6 @@ subclass with a forward of its own.
 
 from __future__ import annotations
 
-import collections
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -48,7 +46,8 @@ from torch import nn
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
 
 from moebal.metrics import max_violation_per_layer
-from moebal.routing import Router, RouterConfig, Routing
+from moebal.routing import Router, RouterConfig, Routing, router_option_names
+from moebal.routing.router import recomputing
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -69,11 +68,6 @@ def router_config(*, num_experts: int, top_k: int, score_function: str, norm_top
     """The one place this integration builds a :class:`moebal.routing.RouterConfig`."""
     return RouterConfig(num_experts=num_experts, top_k=top_k, score_function=score_function,
                         norm_topk_prob=norm_topk_prob, balancer=balancer, **options)
-
-
-def router_option_names() -> set[str]:
-    """The options :func:`router_config` accepts besides ``balancer``."""
-    return {f.name for f in fields(RouterConfig)} - {"balancer"}
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -98,13 +92,11 @@ class BalancedRouter(TokenChoiceTopKRouter):
             if attr in original.__dict__:
                 self.__dict__[attr] = original.__dict__[attr]
         self.gate = original.gate
+        router.replay = True  # a recompute in backward routes from its forward's state
         self.add_module(SUBMODULE, router)
         self.block = block
         self.last: Optional[Routing] = None
         self.step_loads_E: Optional[torch.Tensor] = None
-        # balancer state before each training forward, for activation checkpointing's
-        # recompute in backward (cleared at step)
-        self.replay: collections.deque = collections.deque()
         self.train(original.training)
 
     def extra_repr(self) -> str:
@@ -123,25 +115,11 @@ class BalancedRouter(TokenChoiceTopKRouter):
             return torch.sigmoid(logits_TE)
         return F.softmax(logits_TE, dim=-1)
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: buf.clone() for name, buf in self.moebal.named_buffers()}
-
-    def _restore(self, snapshot: dict[str, torch.Tensor]) -> None:
-        for name, value in snapshot.items():
-            self.moebal.get_buffer(name).copy_(value)
-
     def choose(self, logits_TE: torch.Tensor, seq_len: Optional[int]) -> Routing:
-        """The moebal router's answer; a recompute under activation checkpointing routes
-        from the state its forward saw, so the balancer counts each batch once."""
-        recompute = torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
-        if self.training and recompute and self.replay:
-            now = self._snapshot()
-            self._restore(self.replay.popleft())
-            routing = self.moebal(logits_TE, seq_len=seq_len)
-            self._restore(now)
-            return routing
-        if self.training:
-            self.replay.append(self._snapshot())
+        """The moebal router's answer. A recompute under activation checkpointing routes
+        from the state its forward saw and counts nothing again."""
+        if self.training and recomputing():
+            return self.moebal(logits_TE, seq_len=seq_len)
         routing = self.moebal(logits_TE, seq_len=seq_len)
         self.last = routing
         if self.training:
@@ -232,7 +210,6 @@ class TitanPatchHandle:
                 with torch.no_grad():
                     bias_E.sub_(bias_E.mean())
             router.step_loads_E = None
-            router.replay.clear()
         return loads_LE
 
     def register_step_pre_hook(self, optimizer: torch.optim.Optimizer):
@@ -385,7 +362,7 @@ def patch_model(
         raise TypeError(f"balancer must be a name (str), got {type(balancer).__name__}")
     if model_bias not in MODEL_BIAS_POLICIES:
         raise ValueError(f"model_bias must be one of {MODEL_BIAS_POLICIES}, got {model_bias!r}")
-    known = router_option_names()
+    known = set(router_option_names())
     unknown = sorted(set(router_options) - known)
     if unknown:
         raise TypeError(f"unknown router options {unknown}; known: {sorted(known)}")
@@ -434,4 +411,4 @@ def get_handle(model: nn.Module) -> Optional[TitanPatchHandle]:
 
 
 __all__ = ["BalancedRouter", "TitanPatchHandle", "get_handle", "moe_blocks", "patch_model",
-           "router_config", "router_option_names"]
+           "router_config"]
