@@ -277,19 +277,27 @@ def place_experts(model: nn.Module) -> None:
 def sync_replica_grads(model: nn.Module, scale: float = 1.0) -> None:
     """Sum each expert's gradient over the ranks that hold a replica of it (then times
     ``scale``, e.g. 1 / data-parallel size for a mean), in every scheduled block; call
-    after backward, before the optimizer step. Ranks without a gradient add zeros."""
+    after backward, before the optimizer step.
+
+    One all-reduce per block over the EP group, of the block's expert gradients laid out as
+    [E, ...] (zeros where a rank holds no replica): the sum over each expert's replica
+    group, without a process group per replica set."""
     for experts, dispatcher in scheduled_dispatchers(model):
         if dispatcher.placement is None:
             continue
         inner, E = experts.inner_experts, dispatcher.num_experts
-        rows = torch.tensor(dispatcher.experts, dtype=torch.int64)
-        for name in EXPERT_WEIGHTS:
-            param = getattr(inner, name)
+        params = [getattr(inner, name) for name in EXPERT_WEIGHTS]
+        rows = torch.tensor(dispatcher.experts, dtype=torch.int64, device=params[0].device)
+        fulls = []
+        for param in params:
             full = param.new_zeros((E,) + tuple(param.shape[1:]))
             if param.grad is not None:
-                full[rows.to(full.device)] = param.grad
-            all_reduce_(full, dispatcher.group, f"replica gradients of {name}")
-            grad = full[rows.to(full.device)].mul_(scale)
+                full[rows] = param.grad
+            fulls.append(full)
+        flat = torch.cat([f.reshape(-1) for f in fulls])
+        all_reduce_(flat, dispatcher.group, "replica gradients")
+        for param, full in zip(params, flat.split([f.numel() for f in fulls])):
+            grad = full.view((E,) + tuple(param.shape[1:]))[rows].mul_(scale)
             if param.grad is None:
                 param.grad = grad
             else:
