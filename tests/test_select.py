@@ -18,6 +18,11 @@ from moebal.routing.select import (
 )
 
 
+def bracket_for_all_sizes(mp: pytest.MonkeyPatch) -> None:
+    """Let the bracket take small matrices too (by default they go to torch.topk)."""
+    mp.setattr(select, "MIN_SIZE", 0)
+
+
 def reference(x_RN: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest of each row by torch.kthvalue (the (n - k + 1)-th smallest)."""
     return torch.kthvalue(x_RN, x_RN.shape[1] - k + 1, dim=1).values
@@ -54,8 +59,11 @@ def test_kth_largest_equals_kthvalue(rows, n, k_frac, kind, dtype, seed):
     k = 1 + min(n - 1, int(k_frac * n))
     want = reference(x, k)
     assert torch.equal(fast_kth_largest(x, k), want)
-    assert torch.equal(kth_largest(x, k, dim=1), want)
-    assert torch.equal(kth_largest(x.t().contiguous(), k, dim=0), want)
+    with pytest.MonkeyPatch.context() as mp:
+        bracket_for_all_sizes(mp)
+        assert torch.equal(fast_kth_largest(x, k), want)
+        assert torch.equal(kth_largest(x, k, dim=1), want)
+        assert torch.equal(kth_largest(x.t().contiguous(), k, dim=0), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,6 +73,18 @@ def test_balancer_shapes_are_exact(rows, n, k, kind, dtype):
     """The expert side of quantile and BIP: (c + 1)-th largest, c = T K / E."""
     x = make_rows(rows, n, kind, dtype, seed=rows + n)
     assert torch.equal(fast_kth_largest(x, k), reference(x, k))
+
+
+def test_balancer_shapes_take_the_bracket(monkeypatch):
+    spy = CountingTopk()
+    monkeypatch.setattr(select, "topk_kth_largest", spy)
+    x = make_rows(64, 16384, "normal", torch.float32, seed=5)
+    assert torch.equal(kth_largest(x, 2049, dim=1), reference(x, 2049))
+    assert spy.rows and all(r * w < 64 * 16384 // 8 for r, w in spy.rows)
+    small = make_rows(16, 4096, "normal", torch.float32, seed=5)
+    spy.rows.clear()
+    assert torch.equal(kth_largest(small, 513, dim=1), reference(small, 513))
+    assert spy.rows == [(16, 4096)]  # below MIN_SIZE: torch.topk directly
 
 
 def test_huge_and_tiny_rows():
@@ -129,7 +149,14 @@ def test_bracket_below_the_kth_misses_and_is_exact(monkeypatch):
     assert (3, 4096) in spy.rows
 
 
+def test_empty_bracket_is_exact():
+    x = make_rows(3, 4096, "normal", torch.float32, seed=6)
+    gap = torch.full((3,), 1e9)  # no value inside [1e9, 1e9]
+    assert torch.equal(bracket_kth_largest(x, 7, gap, gap), reference(x, 7))
+
+
 def test_heavy_ties_take_topk_for_all_rows(monkeypatch):
+    bracket_for_all_sizes(monkeypatch)
     x = torch.zeros(4, 4096)
     x[:, :10] = 1.0
     spy = CountingTopk()

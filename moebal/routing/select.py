@@ -33,8 +33,11 @@ SAMPLE_MAX = 2048
 # half-width of the bracket in standard deviations of the sampled rank (a row outside it,
 # about 5% of rows, costs one torch.topk of that row)
 SPREAD = 2.0
-# rows shorter than this go to torch.topk directly (the passes do not pay off)
+# rows shorter than this, or matrices smaller than MIN_SIZE, go to torch.topk directly:
+# the fixed cost of the bracket's twenty-odd tensor operations (each a parallel region on
+# two threads) does not pay off there
 MIN_ROW = 2048
+MIN_SIZE = 1 << 19
 # the bracket may hold at most this fraction of the matrix, else torch.topk for all rows
 MAX_FILL = 0.125
 # bool words summed at once by row_counts (each byte lane stays below 128)
@@ -114,7 +117,7 @@ def bracket_kth_largest(
     t = int(rank_R.max())
     lead_R = t - rank_R
     width = int((lead_R + inside_R).max())
-    if int(inside_R.sum()) > MAX_FILL * R * n:
+    if width == 0 or int(inside_R.sum()) > MAX_FILL * R * n:  # an empty or a crowded bracket
         return topk_kth_largest(x_RN, k)
     rows_M, cols_M = inside_RN.nonzero().unbind(1)  # row-major: rows_M is sorted
     values_M = x_RN[rows_M, cols_M]
@@ -132,12 +135,14 @@ def bracket_kth_largest(
 def fast_kth_largest(x_RN: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th largest of each row of a 2-D ``x_RN`` (no NaN), ``k`` in ``1..n``.
 
-    Rows shorter than ``MIN_ROW``, a ``k`` within ``n / 32`` of either end (where
-    ``torch.topk`` is cheap) and non-float dtypes go to ``torch.topk``; the rest take
-    :func:`bracket_kth_largest` with the :func:`sample_bracket` of the rows.
+    Rows shorter than ``MIN_ROW``, matrices smaller than ``MIN_SIZE``, a ``k`` within
+    ``n / 32`` of either end (where ``torch.topk`` is cheap) and non-float dtypes go to
+    ``torch.topk``; the rest take :func:`bracket_kth_largest` with the
+    :func:`sample_bracket` of the rows.
     """
-    n = x_RN.shape[1]
-    if n < MIN_ROW or not x_RN.is_floating_point() or 32 * min(k, n - k + 1) < n:
+    R, n = x_RN.shape
+    small = n < MIN_ROW or R * n < MIN_SIZE
+    if small or not x_RN.is_floating_point() or 32 * min(k, n - k + 1) < n:
         return topk_kth_largest(x_RN, k)
     hi_R, lo_R = sample_bracket(x_RN, k)
     return bracket_kth_largest(x_RN, k, hi_R, lo_R)
