@@ -16,7 +16,7 @@ PEER_METHODS = {"megatron-core": {"megatron aux", "megatron bias"},
 def test_peers_timed_or_named(capsys):
     argv = ["bench", "router", "--sizes", "256x8x2", "--repeats", "1", "--warmup", "0",
             "--optimal-repeats", "0", "--threads", "1", "--balancers", "loss_free",
-            "--peers", "--json"]
+            "--peers", "--selection", "--json"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)
@@ -27,7 +27,7 @@ def test_peers_timed_or_named(capsys):
             assert not names & methods and f"{peer} is not importable" in captured.err
         else:
             assert names <= methods
-    assert {"softmax+topk", "loss_free"} <= methods
+    assert {"softmax+topk", "loss_free", "select: kth_largest", "select: torch.topk"} <= methods
 
 
 def test_peer_methods_route_the_given_logits():

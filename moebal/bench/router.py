@@ -27,6 +27,8 @@ from tqdm import tqdm
 from moebal.bench.peers import peer_methods
 from moebal.demo import skewed_stream
 from moebal.routing import BALANCERS, Router, RouterConfig
+from moebal.routing.kernels import kth_largest
+from moebal.routing.select import topk_kth_largest
 
 DEFAULT_SIZES = ((16384, 64, 8), (16384, 16, 2), (4096, 256, 8))
 # ratio targets of the issue (at the balancers' default settings)
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="also time the routers of Megatron-core and torchtitan (those "
                              "importable) on the same logits")
+    parser.add_argument("--selection", action="store_true",
+                        help="also time the expert-side selection alone (the (c+1)-th largest "
+                             "over tokens), by kth_largest and by torch.topk")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -80,6 +85,24 @@ def _baseline(top_k: int) -> Callable[[torch.Tensor], Any]:
         return torch.topk(torch.softmax(logits_TE, dim=-1), top_k, dim=-1)
 
     return call
+
+
+def selection_methods(
+    batches: Sequence[torch.Tensor], top_k: int
+) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """The expert side of quantile balancing alone, on each batch's ``[E, T]`` matrix
+    ``l_ij - alpha_i`` (built beforehand, untimed): its (c+1)-th largest along the tokens,
+    ``c = T K / E``, by ``kth_largest`` and by ``torch.topk``."""
+    T, E = batches[0].shape
+    k = T * top_k // E + 1
+    x_of = {}
+    for logits_TE in batches:
+        alpha_T = torch.topk(logits_TE, top_k + 1, dim=1).values[:, top_k]
+        x_of[id(logits_TE)] = (logits_TE.t() - alpha_T).contiguous()
+    return {
+        "select: kth_largest": lambda b: kth_largest(x_of[id(b)], k, dim=1),
+        "select: torch.topk": lambda b: topk_kth_largest(x_of[id(b)], k),
+    }
 
 
 def time_methods(
@@ -114,6 +137,7 @@ def bench_size(
     tokens: int, experts: int, top_k: int, balancers: Sequence[str], repeats: int,
     warmup: int, seed: int, progress: Optional[tqdm] = None,
     clock: Callable[[], float] = time.perf_counter, peers: bool = False,
+    selection: bool = False,
 ) -> list[dict[str, Any]]:
     batches = list(skewed_stream(8, tokens, experts, skew=2.0, seed=seed))
     methods: dict[str, Callable[[torch.Tensor], Any]] = {BASELINE: _baseline(top_k)}
@@ -123,6 +147,8 @@ def bench_size(
         )
     if peers:
         methods.update(peer_methods(experts, top_k)[0])
+    if selection:
+        methods.update(selection_methods(batches, top_k))
     times = time_methods(methods, batches, repeats, warmup, seed, progress, clock)
     base = statistics.median(times[BASELINE])
     rows = []
@@ -174,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         for T, E, K in sizes:
             rows += bench_size(
                 T, E, K, balancers, args.repeats, args.warmup, args.seed, bar, clock,
-                args.peers,
+                args.peers, args.selection,
             )
     if args.optimal_repeats and args.balancers is None:
         # the exact optimum is a reference: timed on its own, at the smallest size
