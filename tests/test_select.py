@@ -193,3 +193,31 @@ def test_bad_arguments_raise():
         kth_largest(x, 0, dim=0)
     with pytest.raises(ValueError, match="2-D"):
         kth_largest(torch.zeros(5), 1, dim=0)
+
+
+def topk_path(x, k, dim):
+    """kth_largest as it was: torch.topk only."""
+    x = x.t().contiguous() if dim % 2 == 0 else x
+    return topk_kth_largest(x, k)
+
+
+@pytest.mark.parametrize("order", ["paper", "causal"])
+def test_bip_and_quantile_equal_the_topk_path(monkeypatch, order):
+    from moebal.routing.balancers import bip, quantile
+
+    bracket_for_all_sizes(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    logits_TE = torch.randn(4096, 8, generator=g) + torch.linspace(0, 2, 8)
+    scores_TE = torch.softmax(logits_TE, dim=-1)
+    q0_E = torch.rand(8, generator=g) * 0.05
+    spy = CountingTopk()
+    monkeypatch.setattr(select, "topk_kth_largest", spy)
+    fast = bip.bip_route(scores_TE, q0_E, 2, 4, order=order)
+    fast_q = quantile.quantile_dual_update(logits_TE, q0_E, 2)
+    assert spy.rows and (8, 4096) not in spy.rows  # the expert side took the bracket
+    monkeypatch.setattr(bip, "kth_largest", topk_path)
+    monkeypatch.setattr(quantile, "kth_largest", topk_path)
+    exact = bip.bip_route(scores_TE, q0_E, 2, 4, order=order)
+    exact_q = quantile.quantile_dual_update(logits_TE, q0_E, 2)
+    for a, b in zip(fast + fast_q, exact + exact_q):
+        assert torch.equal(a, b)

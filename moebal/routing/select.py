@@ -46,7 +46,7 @@ SPREAD = 2.0
 MIN_ROW = 2048
 MIN_SIZE = 1 << 19
 # the bracket may hold at most this fraction of the matrix, else torch.topk for all rows
-MAX_FILL = 0.125
+MAX_FILL = 0.25
 # bool words summed at once by row_counts (each byte lane stays below 128)
 LANE_CHUNK = 127
 
