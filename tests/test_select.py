@@ -19,8 +19,10 @@ from moebal.routing.select import (
 
 
 def bracket_for_all_sizes(mp: pytest.MonkeyPatch) -> None:
-    """Let the bracket take small matrices too (by default they go to torch.topk)."""
+    """Let the bracket take small matrices too (by default they go to torch.topk), on any
+    number of threads."""
     mp.setattr(select, "MIN_SIZE", 0)
+    mp.setattr(select, "MAX_THREADS", 1 << 10)
 
 
 def reference(x_RN: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,6 +78,7 @@ def test_balancer_shapes_are_exact(rows, n, k, kind, dtype):
 
 
 def test_balancer_shapes_take_the_bracket(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     spy = CountingTopk()
     monkeypatch.setattr(select, "topk_kth_largest", spy)
     x = make_rows(64, 16384, "normal", torch.float32, seed=5)
@@ -85,6 +88,10 @@ def test_balancer_shapes_take_the_bracket(monkeypatch):
     spy.rows.clear()
     assert torch.equal(kth_largest(small, 513, dim=1), reference(small, 513))
     assert spy.rows == [(16, 4096)]  # below MIN_SIZE: torch.topk directly
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    spy.rows.clear()
+    assert torch.equal(kth_largest(x, 2049, dim=1), reference(x, 2049))
+    assert spy.rows == [(64, 16384)]  # two threads: torch.topk
 
 
 def test_huge_and_tiny_rows():

@@ -19,10 +19,10 @@ unlucky sample, or many ties) falls back to the full ``torch.topk`` for that row
 a matrix whose bracket holds too many values (heavy ties) falls back entirely: the result
 is the exact k-th largest for every input without NaN. Ties count with multiplicity.
 
-Measured (2-core CPU, torch 2.13, ``moebal bench router --selection``): about 25% less
-time than ``torch.topk`` on one thread at 64 x 16384, less on two threads (the passes are
-bound by memory, ``torch.topk`` by compute, which two threads halve); see
-docs/benchmarks.md, "Router".
+Measured (2-core CPU, torch 2.13, cold caches, one thread): 10-25% less time than
+``torch.topk`` at 64 x 16384 to 64 x 131072, about the same at 256 x 4096; on two threads
+it loses under load (see ``MAX_THREADS``) and :func:`fast_kth_largest` then keeps to
+``torch.topk``. docs/benchmarks.md, "Router", has the figures.
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ SAMPLE_RUN = 16
 # about 5% of rows, costs one torch.topk of that row)
 SPREAD = 2.0
 # rows shorter than this, or matrices smaller than MIN_SIZE, go to torch.topk directly:
-# the fixed cost of the bracket's twenty-odd tensor operations (each a parallel region on
-# two threads) does not pay off there
+# the fixed cost of the bracket's twenty-odd tensor operations does not pay off there
 MIN_ROW = 2048
 MIN_SIZE = 1 << 19
+# the bracket runs only with at most this many intra-op threads, and only on CPU. Its passes
+# are bound by memory and each is a parallel region, while torch.topk is one region bound
+# by compute that splits the rows across threads: on two threads the bracket measured about
+# 20% faster on a quiet machine and several times slower when other processes held the
+# cores (each region then waits for its second thread). On a GPU its host reads would sync.
+MAX_THREADS = 1
 # the bracket may hold at most this fraction of the matrix, else torch.topk for all rows
 MAX_FILL = 0.25
 # bool words summed at once by row_counts (each byte lane stays below 128)
@@ -149,13 +154,14 @@ def fast_kth_largest(x_RN: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th largest of each row of a 2-D ``x_RN`` (no NaN), ``k`` in ``1..n``.
 
     Rows shorter than ``MIN_ROW``, matrices smaller than ``MIN_SIZE``, a ``k`` within
-    ``n / 32`` of either end (where ``torch.topk`` is cheap) and non-float dtypes go to
-    ``torch.topk``; the rest take :func:`bracket_kth_largest` with the
-    :func:`sample_bracket` of the rows.
+    ``n / 32`` of either end (where ``torch.topk`` is cheap), non-float dtypes, tensors off
+    the CPU and more than ``MAX_THREADS`` intra-op threads go to ``torch.topk``; the rest
+    take :func:`bracket_kth_largest` with the :func:`sample_bracket` of the rows.
     """
     R, n = x_RN.shape
-    small = n < MIN_ROW or R * n < MIN_SIZE
-    if small or not x_RN.is_floating_point() or 32 * min(k, n - k + 1) < n:
+    small = n < MIN_ROW or R * n < MIN_SIZE or 32 * min(k, n - k + 1) < n
+    where = x_RN.device.type != "cpu" or torch.get_num_threads() > MAX_THREADS
+    if small or where or not x_RN.is_floating_point():
         return topk_kth_largest(x_RN, k)
     hi_R, lo_R = sample_bracket(x_RN, k)
     return bracket_kth_largest(x_RN, k, hi_R, lo_R)
