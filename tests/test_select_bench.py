@@ -27,7 +27,7 @@ def test_peers_timed_or_named(capsys):
             assert not names & methods and f"{peer} is not importable" in captured.err
         else:
             assert names <= methods
-    assert {"softmax+topk", "loss_free", "select: kth_largest", "select: torch.topk"} <= methods
+    assert {"softmax+topk", "loss_free", "select: bracket", "select: torch.topk"} <= methods
 
 
 def test_peer_methods_route_the_given_logits():

@@ -27,8 +27,7 @@ from tqdm import tqdm
 from moebal.bench.peers import peer_methods
 from moebal.demo import skewed_stream
 from moebal.routing import BALANCERS, Router, RouterConfig
-from moebal.routing.kernels import kth_largest
-from moebal.routing.select import topk_kth_largest
+from moebal.routing.select import bracket_kth_largest, sample_bracket, topk_kth_largest
 
 DEFAULT_SIZES = ((16384, 64, 8), (16384, 16, 2), (4096, 256, 8))
 # ratio targets of the issue (at the balancers' default settings)
@@ -66,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "importable) on the same logits")
     parser.add_argument("--selection", action="store_true",
                         help="also time the expert-side selection alone (the (c+1)-th largest "
-                             "over tokens), by kth_largest and by torch.topk")
+                             "over tokens), by the sampled bracket and by torch.topk")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -92,7 +91,8 @@ def selection_methods(
 ) -> dict[str, Callable[[torch.Tensor], Any]]:
     """The expert side of quantile balancing alone, on each batch's ``[E, T]`` matrix
     ``l_ij - alpha_i`` (built beforehand, untimed): its (c+1)-th largest along the tokens,
-    ``c = T K / E``, by ``kth_largest`` and by ``torch.topk``."""
+    ``c = T K / E``, by the sampled bracket (whatever the thread count; ``kth_largest``
+    takes it on one thread only) and by ``torch.topk``."""
     T, E = batches[0].shape
     k = T * top_k // E + 1
     x_of = {}
@@ -100,7 +100,8 @@ def selection_methods(
         alpha_T = torch.topk(logits_TE, top_k + 1, dim=1).values[:, top_k]
         x_of[id(logits_TE)] = (logits_TE.t() - alpha_T).contiguous()
     return {
-        "select: kth_largest": lambda b: kth_largest(x_of[id(b)], k, dim=1),
+        "select: bracket": lambda b: bracket_kth_largest(
+            x_of[id(b)], k, *sample_bracket(x_of[id(b)], k)),
         "select: torch.topk": lambda b: topk_kth_largest(x_of[id(b)], k),
     }
 
