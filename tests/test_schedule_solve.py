@@ -295,3 +295,18 @@ def test_scheduler_registry():
     assert set(METHODS) == {"flow", "highs"} and set(SCHEDULERS) >= set(METHODS)
     with pytest.raises(ValueError, match="already registered"):
         register_scheduler("flow")(lambda *a: None)
+
+
+def test_a_total_beyond_int64_is_named_exactly():
+    p = symmetric(4, 8, 4)
+    near = 2**62 - 1  # eight of them wrap an int64 sum around
+    with pytest.raises(ValueError, match=f"total load {8 * near} is too large"):
+        solve_schedule(p, np.full(8, near, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"total load {32 * 2**61} is too large"):
+        solve_schedule(p, np.full((4, 8), 2**61, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"total load {8 * 2**63} is too large"):
+        solve_schedule(p, np.full(8, 2**63, dtype=np.uint64))
+    with pytest.raises(ValueError, match=f"total load {8 * near} must stay below"):
+        densest_subset(p, np.full(8, near, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"total load {8 * near} of the history"):
+        build_placement("eplb", 4, 8, 4, loads_E=np.full(8, near, dtype=np.int64))

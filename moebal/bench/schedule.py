@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+import zipfile
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -93,10 +94,21 @@ def load_trace(path: str) -> np.ndarray:
     """Micro-batch loads [M, E] from a trace .npz (`counts` [S, L, E] or [S, L, shards, E])."""
     if not os.path.isfile(path):
         raise ValueError(f"trace file not found: {path}")
-    with np.load(path) as data:
-        if "counts" not in data:
-            raise ValueError(f"trace {path} has no array `counts` (found {sorted(data.files)})")
-        counts = np.asarray(data["counts"])
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"trace {path} is not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "counts" not in data:
+                raise ValueError(f"trace {path} has no array `counts` (found {sorted(data.files)})")
+            counts = np.asarray(data["counts"])
+    except ValueError as exc:
+        if str(exc).startswith(f"trace {path} "):
+            raise
+        raise ValueError(f"cannot read trace {path}: {exc}") from exc
+    except Exception as exc:  # a damaged archive fails inside numpy, zipfile or zlib
+        raise ValueError(
+            f"cannot read trace {path}: damaged or not an .npz ({type(exc).__name__})"
+        ) from exc
     if counts.ndim == 4:
         counts = counts.sum(2)
     if counts.ndim != 3 or not np.issubdtype(counts.dtype, np.integer):

@@ -261,6 +261,9 @@ def _history(loads_E: Optional[np.ndarray], E: int, builder: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr != np.floor(arr)):
         bad = arr[~(np.isfinite(arr) & (arr >= 0) & (arr == np.floor(arr)))][0]
         raise ValueError(f"{builder} placement: loads must be non-negative integers, got {bad!r}")
+    if float(arr.sum(dtype=np.float64)) >= 2**62:  # float64: no int64 wrap-around
+        total = sum(int(v) for v in arr.ravel().tolist())
+        raise ValueError(f"{builder} placement: total load {total} of the history is too large")
     return arr.astype(np.int64)
 
 
@@ -527,6 +530,9 @@ def _loads_vector(placement: Placement, loads_E: np.ndarray) -> np.ndarray:
     if not ok.all():
         e = int(np.flatnonzero(~ok)[0])
         raise ValueError(f"loads must be non-negative integers; expert {e} has {arr[e]!r}")
+    if float(arr.sum(dtype=np.float64)) >= 2**53:  # float64: no int64 wrap-around
+        total = sum(int(v) for v in arr.tolist())
+        raise ValueError(f"densest_subset: total load {total} must stay below 2^53")
     return arr.astype(np.int64)
 
 
@@ -546,8 +552,6 @@ def densest_subset(
             f"densest_subset enumerates 2^G subsets; G = {G} exceeds max_gpus = {max_gpus}"
         )
     loads = _loads_vector(placement, loads_E)
-    if int(loads.sum()) >= 2**53:
-        raise ValueError("densest_subset: total load must stay below 2^53")
     idx = placement._index
     bit_N = np.left_shift(np.int64(1), idx.gpu_N)
     mask_E = np.bitwise_or.reduceat(bit_N, idx.start_E)

@@ -88,6 +88,11 @@ class Schedule:
 # ------------------------------------------------------------------------------- inputs
 
 
+def _exact_total(arr: np.ndarray) -> int:
+    """The sum of integer-valued ``arr`` in Python integers (an int64 sum can wrap around)."""
+    return sum(int(v) for v in arr.ravel().tolist())
+
+
 def _as_loads(placement: Placement, loads: object) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(loads_E, loads_SE or None) as int64, validated."""
     if not isinstance(placement, Placement):
@@ -113,8 +118,8 @@ def _as_loads(placement: Placement, loads: object) -> tuple[np.ndarray, Optional
     if (arr < 0).any():
         bad = np.argwhere(arr < 0)[0].tolist()
         raise ValueError(f"loads must be non-negative; loads{bad} = {arr[tuple(bad)].item()!r}")
-    if float(arr.sum(dtype=np.float64)) >= _MAX_TOTAL:
-        raise ValueError(f"total load {arr.sum()} is too large (limit 2^50 tokens)")
+    if float(arr.sum(dtype=np.float64)) >= _MAX_TOTAL:  # float64: no int64 wrap-around
+        raise ValueError(f"total load {_exact_total(arr)} is too large (limit 2^50 tokens)")
     arr = arr.astype(np.int64)
     if arr.ndim == 2:
         return arr.sum(0), arr

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from moebal.fileio import atomic_write
 
 COLORS = {
     "plain_ep": "#7f7f7f",
@@ -30,17 +30,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plot-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:

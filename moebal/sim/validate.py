@@ -47,7 +47,10 @@ def read_records(path: Union[str, Path]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"measurement file not found: {str(path)!r}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read measurement file {str(path)!r}: {exc}") from exc
     try:
         items = json.loads(text)
         if isinstance(items, dict):
