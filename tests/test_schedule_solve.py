@@ -20,7 +20,7 @@ from moebal.schedule import (
     symmetric,
 )
 from moebal.schedule.highs import highs_makespan_lp
-from moebal.schedule.solve import _split_sends
+from moebal.schedule.locality import split_sends as _split_sends
 
 
 @st.composite
@@ -119,7 +119,7 @@ def locality_is_exact_and_never_worse_than_naive(inst):
     assert h.makespan == s.makespan and h.tokens_moved == s.tokens_moved
     # never worse than ignoring locality: the makespan-only plan, split local-first ...
     plain = solve_schedule(p, loads_E)
-    idx = p._index
+    idx = p.slots
     _, naive_local_first = _split_sends(p, plain.x_EG[idx.expert_N, idx.gpu_N], loads_SE)
     assert s.tokens_moved <= naive_local_first
     # ... or matched source-by-source to GPU-by-GPU without looking for local tokens

@@ -26,6 +26,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from moebal.schedule import build_placement, even_split_makespan, solve_schedule, standard
+from moebal.schedule.highs import highs_makespan_lp
+from moebal.schedule.locality import split_sends
+
 SIZES = ((8, 64), (64, 256), (256, 1024))
 REPLICAS = (2, 4)
 ZIPF = (0.5, 1.0, 1.5)
@@ -137,14 +141,6 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 def run_bench(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from moebal.schedule import (
-        build_placement,
-        even_split_makespan,
-        solve_schedule,
-        standard,
-    )
-    from moebal.schedule.highs import highs_makespan_lp
-
     global _CLOCK, _STAT
     _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     _STAT = min if args.stat == "min" else statistics.median
@@ -238,16 +234,13 @@ def _locality_rows(
 ) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from moebal.schedule import build_placement, solve_schedule
-    from moebal.schedule.solve import _split_sends
-
     out = []
     plan = [
         (G, E, r) for G, E in sizes if G <= 64 for r in REPLICAS if r <= G and (E * r) % G == 0
     ]
     for G, E, r in tqdm(plan, desc="bench locality", disable=not progress):
         placement = build_placement("symmetric", G, E, E * r // G, seed=args.seed)
-        idx = placement._index
+        idx = placement.slots
         t_ours, t_highs, moved, moved_h, naive, total = [], [], [], [], [], 0
         for i in range(max(1, args.instances // 2)):
             if trace is not None:
@@ -255,14 +248,14 @@ def _locality_rows(
             else:
                 loads_E = _zipf_loads(rng, E, 1.0, G * args.tokens_per_gpu)
             # tokens of every expert come from uniformly random source GPUs
-            loads_SE = np.stack([rng.multinomial(int(n), np.full(G, 1.0 / G)) for n in loads_E], 1)
-            t, sched = _timed(lambda: solve_schedule(placement, loads_SE), args.repeats)
+            loads_RE = np.stack([rng.multinomial(int(n), np.full(G, 1.0 / G)) for n in loads_E], 1)
+            t, sched = _timed(lambda: solve_schedule(placement, loads_RE), args.repeats)
             th, ref = _timed(
-                lambda: solve_schedule(placement, loads_SE, method="highs"), args.highs_repeats
+                lambda: solve_schedule(placement, loads_RE, method="highs"), args.highs_repeats
             )
-            plain = solve_schedule(placement, loads_SE.sum(0))
-            _, naive_moved = _split_sends(
-                placement, plain.x_EG[idx.expert_N, idx.gpu_N], loads_SE
+            plain = solve_schedule(placement, loads_RE.sum(0))
+            _, naive_moved = split_sends(
+                placement, plain.x_EG[idx.expert_N, idx.gpu_N], loads_RE
             )
             t_ours.append(t)
             t_highs.append(th)
