@@ -11,7 +11,10 @@ flow solver.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 from typing import Optional
 
 import highspy
@@ -21,8 +24,38 @@ from moebal.schedule.bounds import ceil_div, covered_load
 from moebal.schedule.placement import Placement
 
 
+_started = False
+
+
+def _first_highs() -> highspy.Highs:
+    """The process's first ``Highs()``, its banner sent to stderr instead of stdout.
+
+    HiGHS prints a banner when the first instance is built, before any option can silence
+    it; on stdout it would corrupt ``--json`` output. File descriptor 1 points at stderr for
+    that one construction (C stdio flushed before it is restored).
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no stdout or stderr to redirect: nothing to protect
+        return highspy.Highs()
+    try:
+        h = highspy.Highs()
+        try:
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError, TypeError):  # no C library handle on this platform
+            pass
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return h
+
+
 def _highs() -> highspy.Highs:
-    h = highspy.Highs()
+    global _started
+    h = highspy.Highs() if _started else _first_highs()
+    _started = True
     h.setOptionValue("output_flag", False)
     h.setOptionValue("solver", "simplex")
     h.setOptionValue("random_seed", 0)
