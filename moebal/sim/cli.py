@@ -27,7 +27,7 @@ from moebal.sim.simulate import simulate
 from moebal.sim.systems import SYSTEMS, Cluster
 from moebal.sim.tables import print_sweep, print_table, print_validation
 from moebal.sim.trace import GENERATORS, Trace, generate_trace, load_trace, microbatches
-from moebal.sim.validate import read_records, validate
+from moebal.sim.validate import read_calibration, read_records, validate
 
 SWEEP_GPUS = (8, 32, 64, 256, 1024)
 SWEEP_EXPERTS = (64, 256, 1024)
@@ -120,44 +120,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-def _calibration_pairs(path: Path, d_model: int, ffn_hidden: int, passes: str):
-    """(tokens, seconds) pairs from JSON/JSONL records: tokens in ``tokens_computed`` or
-    ``tokens`` or ``T``; seconds in ``t_compute`` or ``seconds`` or ``fwd_bwd_s``/``fwd_s``
-    (by ``passes``). Records carrying ``D``/``F`` of another shape are skipped; a JSON object
-    with a ``rows`` list is read as its rows."""
-    if not path.is_file():
-        raise ValueError(f"calibration file not found: {str(path)!r}")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read calibration file {str(path)!r}: {exc}") from exc
-    try:
-        data = json.loads(text)
-        items = data.get("rows", [data]) if isinstance(data, dict) else data
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"calibration file {str(path)!r} is neither JSON nor JSONL: {exc}") from exc
-    tokens, secs = [], []
-    for r in items:
-        if not isinstance(r, dict):
-            continue
-        if ("D" in r and r["D"] != d_model) or ("F" in r and r["F"] != ffn_hidden):
-            continue
-        t = next((r[k] for k in ("tokens_computed", "tokens", "T") if k in r), None)
-        s = next((r[k] for k in ("t_compute", "seconds", f"{passes}_s") if k in r), None)
-        if t is not None and s is not None:
-            tokens.append(float(t))
-            secs.append(float(s))
-    if len(tokens) < 2:
-        raise ValueError(
-            f"calibration file {str(path)!r} has {len(tokens)} usable (tokens, seconds) records"
-            f" for D={d_model}, F={ffn_hidden}; need at least 2"
-        )
-    return tokens, secs
-
-
 def build_cost(args) -> tuple[CostModel, dict]:
     hw = HARDWARE[args.hardware]
     notes = {"hardware": args.hardware}
@@ -174,7 +136,7 @@ def build_cost(args) -> tuple[CostModel, dict]:
         changes["latency_s"] = args.latency_us * 1e-6
     shape = ModelShape(args.d_model, args.ffn_hidden, args.top_k, args.bytes_per_elem, args.seq_len)
     if args.calibrate is not None:
-        tokens, secs = _calibration_pairs(args.calibrate, args.d_model, args.ffn_hidden, args.passes)
+        tokens, secs = read_calibration(args.calibrate, args.d_model, args.ffn_hidden, args.passes)
         rate, c0 = calibrate(tokens, secs, expert_flops_per_token(args.d_model, args.ffn_hidden, args.passes))
         changes["rate"] = rate
         changes["compute_overhead_s"] = c0 / (3 if args.passes == "fwd_bwd" else 1)

@@ -42,9 +42,16 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
     plt = _plt()
     out_dir = Path(out_dir)
     paths = []
-    n = len(runs)
+    for name, draw in (("relative.png", _relative), ("imbalance.png", _imbalance), ("moved.png", _moved)):
+        fig = draw(plt, runs)
+        paths.append(_save(fig, out_dir / name))
+        plt.close(fig)
+    return paths
 
-    # 1. throughput and step time relative to plain EP (standard where plain EP cannot run)
+
+def _relative(plt, runs: Sequence[dict]):
+    """Throughput and step time relative to plain EP (standard where plain EP cannot run)."""
+    n = len(runs)
     fig, axes = plt.subplots(2, n, figsize=(max(6, 4.5 * n), 6.5), squeeze=False)
     for i, run in enumerate(runs):
         rows = run["summary"]
@@ -67,10 +74,12 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
                     ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         axes[0, i].set_title(run["label"], fontsize=9)
     fig.suptitle("MoE layers: throughput and step time relative to the baseline")
-    paths.append(_save(fig, out_dir / "relative.png"))
-    plt.close(fig)
+    return fig
 
-    # 2. GPU load imbalance (max/mean computed assignments) per micro-batch and layer
+
+def _imbalance(plt, runs: Sequence[dict]):
+    """GPU load imbalance (max/mean computed assignments) per micro-batch and layer."""
+    n = len(runs)
     fig, axes = plt.subplots(1, n, figsize=(max(6, 5 * n), 3.8), squeeze=False)
     for i, run in enumerate(runs):
         ax = axes[0, i]
@@ -82,10 +91,12 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.set_title(run["label"], fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("GPU load imbalance per micro-batch")
-    paths.append(_save(fig, out_dir / "imbalance.png"))
-    plt.close(fig)
+    return fig
 
-    # 3. tokens moved (sent to another GPU) and across nodes, as a share of all assignments
+
+def _moved(plt, runs: Sequence[dict]):
+    """Tokens moved (sent to another GPU) and across nodes, as a share of all assignments."""
+    n = len(runs)
     fig, axes = plt.subplots(1, n, figsize=(max(6, 4.5 * n), 3.8), squeeze=False)
     for i, run in enumerate(runs):
         ax = axes[0, i]
@@ -99,9 +110,7 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.set_title(run["label"], fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Tokens moved")
-    paths.append(_save(fig, out_dir / "moved.png"))
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def plot_sweep(rows: Sequence[dict], out_dir: Path, name: str = "sweep.png") -> Path:
