@@ -58,7 +58,7 @@ class Schedule:
                     ceil(sum_{e: G_e within S} load_e / |S|) == makespan.
     tokens_moved    with per-source loads: tokens computed on a GPU other than their source;
                     None for per-expert loads.
-    sends           with per-source loads: int64 [M, 4] rows (source, expert, gpu, tokens),
+    sends           with per-source loads: int64 rows of 4 (source, expert, gpu, tokens),
                     tokens > 0, sorted by (expert, source, gpu); rows with source == gpu
                     are tokens kept local.
                     None for per-expert loads.
