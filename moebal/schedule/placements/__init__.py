@@ -21,8 +21,9 @@ Every builder has one signature,
   ``balanced_packing`` (heaviest replica first onto the lightest GPU with a free slot),
   except that a GPU never takes a second replica of an expert it already holds.
 
-A new builder is one file here defining the function, plus one line in ``PLACEMENTS`` below
-(or ``register_placement(name)(fn)`` from outside the package).
+A new builder is one file here defining the function, plus its entry in ``PLACEMENTS`` below
+(and its module in the import line above it); from outside the package,
+``register_placement(name)(fn)``.
 """
 
 from __future__ import annotations
