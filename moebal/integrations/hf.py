@@ -215,6 +215,16 @@ class GateAdapter(nn.Module):
     def extra_repr(self) -> str:
         return f"patches {self.name} ({self.class_name})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and pickle copy: the last routing without its autograd
+        graph (a copy of a model after a training forward then copies cleanly)."""
+        state = super().__getstate__()
+        if state.get("last") is not None:
+            last = state["last"]
+            state = {**state, "last": Routing(**{f.name: getattr(last, f.name).detach()
+                                                 for f in fields(Routing)})}
+        return state
+
     def logits(self, gate: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         weight_ED = _attr(gate, spec.weight)
@@ -713,11 +723,11 @@ def patch_model(
         ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
         adapter._checkpointed_by = [m for m in ancestors if hasattr(m, "gradient_checkpointing")]
         parent = modules[".".join(parts[:-1])]
-        handle._hooks.append(parent.register_forward_pre_hook(_seq_len_hook(adapter)))
+        handle._hooks.append(parent.register_forward_pre_hook(_SeqLenHook(adapter)))
         handle._gates.append((name, gate, adapter))
     model.add_module(SUBMODULE, nn.ModuleList(adapters))
     if add_loss_to_output:
-        handle._hooks.append(model.register_forward_hook(_add_loss_hook(handle)))
+        handle._hooks.append(model.register_forward_hook(_AddLossHook(handle)))
     if config is not None:
         handle._config_before = (hasattr(config, CONFIG_KEY), saved)
         setattr(config, CONFIG_KEY, {"balancer": balancer, **_jsonable(router_options)})
@@ -737,22 +747,28 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _seq_len_hook(adapter: GateAdapter):
-    def hook(module: nn.Module, args: tuple) -> None:
+# The hooks are objects, not closures: ``copy.deepcopy`` of the model copies them with it,
+# so the copy's hooks feed the copy's adapters and handle (a closure would be shared).
+class _SeqLenHook:
+    def __init__(self, adapter: GateAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
-        adapter.seq_len = int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
+        self.adapter.seq_len = (
+            int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() == 3 else None
+        )
 
-    return hook
 
+class _AddLossHook:
+    def __init__(self, handle: PatchHandle) -> None:
+        self.handle = handle
 
-def _add_loss_hook(handle: PatchHandle):
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         loss = getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
-            output.loss = loss + handle.loss().to(device=loss.device, dtype=loss.dtype)
+            output.loss = loss + self.handle.loss().to(device=loss.device, dtype=loss.dtype)
         return output
-
-    return hook
 
 
 def get_handle(model: nn.Module) -> Optional[PatchHandle]:
