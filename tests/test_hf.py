@@ -161,7 +161,7 @@ def test_moebal_loss_is_added_to_the_models_loss():
     ref = model(x, labels=x).loss.detach()
     handle = patch_model(model, z_loss_coeff=1e-2)
     out = model(x, labels=x)
-    per_layer = [a.last.z_loss for a in handle.adapters]
+    per_layer = [r.z_loss for r in handle.routings()]
     assert handle.loss().item() == pytest.approx(sum(t.item() for t in per_layer))
     assert handle.z_loss().item() > 0
     assert out.loss.item() == pytest.approx(ref.item() + handle.loss().item(), rel=1e-6)
@@ -201,7 +201,7 @@ def test_checkpointed_recompute_routes_once():
     assert torch.equal(handle.step_loads(), ref_handle.step_loads())  # not counted twice
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert all(len(a._replay) == 0 for a in handle.adapters)
+    assert all(a.pending_replays == 0 for a in handle.adapters)
 
 
 # -- unpatch --------------------------------------------------------------------------------
