@@ -11,6 +11,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
+import torch
 from torch import nn
 
 
@@ -28,7 +29,15 @@ class GateSpec:
     input_to_weight the input is cast to the weight's dtype before the linear.
     logits_fp32     the logits are cast to float32 after the linear (Granite).
     scale           gate attribute of a factor on the K weights (routed_scaling_factor).
-    correction_bias gate buffer of the model's own loss-free expert bias.
+    correction_bias gate attribute path of the model's own loss-free expert bias.
+    block_bias      attribute of the MoE block (the router's parent) holding that bias, when
+                    the block passes it to the router's forward (AFMoE, MiniMax-M2).
+    score_attr      gate attribute naming the score function, over ``score_function``.
+    norm_if_softmax the model's softmax is over the K largest logits (Cohere2): the K
+                    weights sum to 1 whatever ``norm`` says.
+    output          "topk": ``(logits, weights_TK, indices_TK)``; "dense" (Llama 4):
+                    ``(weights_TE, logits)``, each token's weights over all E experts.
+    probe_3d        the router takes ``[B, S, D]`` only (its probe input is 3-D).
     groups          gate attributes (n_group, topk_group) of group-limited routing.
     topk_method     gate attribute that must be "greedy" (DeepSeek-V2).
     top_k, num_experts  gate attributes holding K and E.
@@ -45,6 +54,11 @@ class GateSpec:
     logits_fp32: bool = False
     scale: Optional[str] = None
     correction_bias: Optional[str] = None
+    block_bias: Optional[str] = None
+    score_attr: Optional[str] = None
+    norm_if_softmax: bool = False
+    output: str = "topk"
+    probe_3d: bool = False
     groups: Optional[tuple[str, str]] = None
     topk_method: Optional[str] = None
     top_k: str = "top_k"
@@ -52,6 +66,10 @@ class GateSpec:
 
 
 _QWEN_LIKE = dict(norm="norm_topk_prob", weights_dtype="logits")
+_QWEN3_5_LIKE = dict(norm=True, weights_dtype="logits")
+_GRANITE_LIKE = dict(norm=True, weights_dtype="hidden", logits_fp32=True)
+_DEEPSEEK_V2_LIKE = dict(norm=False, weights_dtype="float32", linear_fp32=True,
+                         scale="routed_scaling_factor", topk_method="topk_method")
 _DEEPSEEK_V3_LIKE = dict(
     score_function="sigmoid",
     norm="norm_topk_prob",
@@ -61,6 +79,10 @@ _DEEPSEEK_V3_LIKE = dict(
     correction_bias="e_score_correction_bias",
     groups=("num_group", "topk_group"),
 )
+_MINIMAX_M2_LIKE = dict(score_function="sigmoid", norm=True, weights_dtype="float32",
+                        input_to_weight=True)
+_ERNIE_LIKE = dict(norm=True, weights_dtype="hidden", linear_fp32=True,
+                   correction_bias="moe_statics.e_score_correction_bias")
 
 # Router classes of transformers 5.x whose routing moebal reproduces; each is exercised by
 # tests/test_hf.py (patched with balancer="none" == unpatched).
@@ -69,28 +91,92 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
     "MiniMaxTopKRouter": GateSpec(("minimax",), norm=True, weights_dtype="float32"),
     "Qwen2MoeTopKRouter": GateSpec(("qwen2_moe",), **_QWEN_LIKE),
     "Qwen3MoeTopKRouter": GateSpec(("qwen3_moe",), **_QWEN_LIKE),
+    "Qwen3NextTopKRouter": GateSpec(("qwen3_next",), **_QWEN_LIKE),
+    "Qwen3OmniMoeThinkerTextTopKRouter": GateSpec(("qwen3_omni_moe",), **_QWEN_LIKE),
+    "Qwen3OmniMoeTalkerTextTopKRouter": GateSpec(("qwen3_omni_moe",), **_QWEN_LIKE),
+    "Qwen4ExpTextTopKRouter": GateSpec(("qwen4_exp",), **_QWEN_LIKE),
     "OlmoeTopKRouter": GateSpec(("olmoe",), **_QWEN_LIKE),
     "FlexOlmoTopKRouter": GateSpec(("flex_olmo",), **_QWEN_LIKE),
+    "MellumTopKRouter": GateSpec(("mellum",), **_QWEN_LIKE),
+    "Qwen3_5MoeTopKRouter": GateSpec(("qwen3_5_moe",), **_QWEN3_5_LIKE),
+    "Qwen3OmniMoeTextTopKRouter": GateSpec(("qwen3_omni_moe",), **_QWEN3_5_LIKE),
+    "Qwen3VLMoeTextTopKRouter": GateSpec(("qwen3_vl_moe",), **_QWEN3_5_LIKE),
+    "LaraMiniTopKRouter": GateSpec(("lara_mini",), norm="norm_topk_prob",
+                                   weights_dtype="hidden", linear_fp32=True),
     "JambaTopKRouter": GateSpec(("jamba",), norm=False, weights_dtype="hidden"),
     "HunYuanMoEV1Gate": GateSpec(
         ("hunyuan_v1_moe",), norm=True, weights_dtype="logits", weight="wg.weight",
         input_to_weight=True,
     ),
     # top-k of the logits, then softmax over those K: the renormalised softmax top-k
-    "GraniteMoeTopKRouter": GateSpec(
-        ("granitemoe",), norm=True, weights_dtype="hidden", logits_fp32=True
-    ),
-    "GraniteMoeSharedTopKRouter": GateSpec(
-        ("granitemoeshared",), norm=True, weights_dtype="hidden", logits_fp32=True
-    ),
+    "GraniteMoeTopKRouter": GateSpec(("granitemoe",), **_GRANITE_LIKE),
+    "GraniteMoeSharedTopKRouter": GateSpec(("granitemoeshared",), **_GRANITE_LIKE),
+    "GraniteMoeSWATopKRouter": GateSpec(("granitemoe_swa",), **_GRANITE_LIKE),
+    "GraniteMoeHybridTopKRouter": GateSpec(("granitemoehybrid",), **_GRANITE_LIKE),
+    "AriaTextTopKRouter": GateSpec(("aria",), norm=True, weights_dtype="logits",
+                                   top_k="top_k", num_experts="num_experts"),
+    "Cohere2MoeTopKRouter": GateSpec(("cohere2_moe",), score_attr="expert_selection_fn",
+                                     norm="norm_topk_prob", norm_if_softmax=True,
+                                     weights_dtype="hidden"),
     "GptOssTopKRouter": GateSpec(("gpt_oss",), norm=True, weights_dtype="logits", bias="bias"),
-    "DeepseekV2TopkRouter": GateSpec(
-        ("deepseek_v2",), norm=False, weights_dtype="float32", linear_fp32=True,
-        scale="routed_scaling_factor", topk_method="topk_method",
-    ),
-    "DeepseekV3TopkRouter": GateSpec(("deepseek_v3",), **_DEEPSEEK_V3_LIKE),
-    "Glm4MoeTopkRouter": GateSpec(("glm4_moe",), **_DEEPSEEK_V3_LIKE),
+    "DeepseekV2TopkRouter": GateSpec(("deepseek_v2",), **_DEEPSEEK_V2_LIKE),
+    "DeepseekOcr2TextTopkRouter": GateSpec(("deepseek_ocr2",), **_DEEPSEEK_V2_LIKE),
+    "UnlimitedOcrTextTopkRouter": GateSpec(("unlimited_ocr",), **_DEEPSEEK_V2_LIKE),
+    "DeepseekV3TopkRouter": GateSpec(("deepseek_v3", "sarvam_mla"), **_DEEPSEEK_V3_LIKE),
+    "DeepseekV32TopkRouter": GateSpec(("deepseek_v32",), **_DEEPSEEK_V3_LIKE),
+    "Glm4MoeTopkRouter": GateSpec(("glm4_moe", "sarvam_moe"), **_DEEPSEEK_V3_LIKE),
+    "Glm4MoeLiteTopkRouter": GateSpec(("glm4_moe_lite",), **_DEEPSEEK_V3_LIKE),
+    "Glm4vMoeTextTopkRouter": GateSpec(("glm4v_moe",), **_DEEPSEEK_V3_LIKE),
+    "Glm5NextTextTopkRouter": GateSpec(("glm5_next",), **_DEEPSEEK_V3_LIKE),
+    "GlmMoeDsaTopkRouter": GateSpec(("glm_moe_dsa",), **_DEEPSEEK_V3_LIKE),
     "Dots1TopkRouter": GateSpec(("dots1",), **_DEEPSEEK_V3_LIKE),
+    "Dots3NoteTextTopkRouter": GateSpec(("dots3_note",), **_DEEPSEEK_V3_LIKE),
+    "ExaoneMoeTopkRouter": GateSpec(("exaone_moe",), **_DEEPSEEK_V3_LIKE),
+    "AXK1TopkRouter": GateSpec(("axk1",), **_DEEPSEEK_V3_LIKE),
+    "AXK2TopkRouter": GateSpec(("axk2",), **_DEEPSEEK_V3_LIKE),
+    "BailingHybridTopkRouter": GateSpec(("bailing_hybrid",), **_DEEPSEEK_V3_LIKE),
+    "KimiLinearTopkRouter": GateSpec(("kimi_linear",), **_DEEPSEEK_V3_LIKE),
+    "MiMoV2FlashTopkRouter": GateSpec(("mimo_v2_flash",), **_DEEPSEEK_V3_LIKE),
+    "NemotronHTopkRouter": GateSpec(("nemotron_h",), **_DEEPSEEK_V3_LIKE),
+    "HYV4TopkRouter": GateSpec(("hy_v4",), **_DEEPSEEK_V3_LIKE),
+    "HYV4VLTopkRouter": GateSpec(("hy_v4_vl",), **_DEEPSEEK_V3_LIKE),
+    "SolarOpenTopkRouter": GateSpec(("solar_open",), **_DEEPSEEK_V3_LIKE),
+    "BeamTopKRouter": GateSpec(("beam",), **{**_DEEPSEEK_V3_LIKE, "scale": None}),
+    "MiniMaxM2TopKRouter": GateSpec(("minimax_m2",), **_MINIMAX_M2_LIKE,
+                                    block_bias="e_score_correction_bias"),
+    "MiniMaxM3VLTopKRouter": GateSpec(("minimax_m3_vl",), **_MINIMAX_M2_LIKE,
+                                      correction_bias="e_score_correction_bias"),
+    "Step3p7TopKRouter": GateSpec(("step3p7",), **_MINIMAX_M2_LIKE,
+                                  correction_bias="e_score_correction_bias"),
+    "HYV3TopKRouter": GateSpec(("hy_v3", "dots3_note"), score_function="sigmoid", norm=True,
+                               weights_dtype="float32", linear_fp32=True,
+                               scale="router_scaling_factor",
+                               block_bias="e_score_correction_bias"),
+    "Dots3NoteVisionTopKRouter": GateSpec(("dots3_note",), score_function="sigmoid", norm=True,
+                                          weights_dtype="float32", linear_fp32=True,
+                                          scale="router_scaling_factor",
+                                          block_bias="e_score_correction_bias"),
+    "AfmoeTokenChoiceRouter": GateSpec(("afmoe",), score_function="sigmoid", norm=True,
+                                       weights_dtype="float32", weight="gate.weight",
+                                       logits_fp32=True, scale="route_scale",
+                                       block_bias="expert_bias", probe_3d=True),
+    # group-limited routing (refused) masks with 0; with every group allowed it is a top-k
+    "Mistral4TopkRouter": GateSpec(("mistral4",), norm="norm_topk_prob", weights_dtype="logits",
+                                   scale="routed_scaling_factor",
+                                   groups=("num_group", "topk_group")),
+    "MistralLarge4TextTopkRouter": GateSpec(("mistral_large4",), norm=True,
+                                            weights_dtype="float32", linear_fp32=True,
+                                            scale="routed_scaling_factor",
+                                            groups=("num_group", "topk_group")),
+    "FlintTopKRouter": GateSpec(("flint",), score_function="sigmoid", norm="norm_topk_prob",
+                                weights_dtype="float32", linear_fp32=True),
+    # the top-k of the logits is that of their sigmoid; the block applies the K sigmoid
+    # scores to each token's copy for every expert (0 for the experts not chosen)
+    "Llama4Router": GateSpec(("llama4",), score_function="sigmoid", norm=False,
+                             weights_dtype="logits", output="dense"),
+    # the statistics module adds its bias to the softmax scores for the choice only
+    "Ernie4_5_MoeTopKRouter": GateSpec(("ernie4_5_moe",), **_ERNIE_LIKE),
+    "Ernie4_5_VLMoeMoeTopKRouter": GateSpec(("ernie4_5_vl_moe",), **_ERNIE_LIKE),
 }
 
 # MoE routers that moebal recognises but cannot stand in for, and why.
@@ -99,25 +185,42 @@ UNSUPPORTED_ROUTERS: dict[str, str] = {
     "SwitchTransformersTop1Router": "applies capacity inside the router and returns a one-hot "
     "dispatch mask instead of expert indices",
     "NllbMoeTop2Router": "applies capacity and a second-expert sampling policy inside the router",
-    "Llama4Router": "returns sigmoid scores over all experts rather than K indices and weights",
     "DbrxRouter": "returns only logits; the top-k is taken inside the MoE block",
     "JetMoeTopKGating": "returns a token permutation rather than K indices and weights",
     "DeepseekV4HashRouter": "chooses experts by a fixed token-id table, not by scores",
-    "Ernie4_5_MoeTopKRouter": "chooses by scores corrected with its own statistics module",
-    "Lfm2MoeTopKRouter": "takes the expert bias as a forward argument from the block",
-    "AfmoeTokenChoiceRouter": "takes the expert bias as a forward argument from the block",
-    "MiniMaxM2TopKRouter": "takes the expert bias as a forward argument from the block",
+    "DeepseekV4TopKRouter": "scores with the activation config.scoring_func names "
+    "(sqrtsoftplus by default), which moebal's router does not offer",
+    "Inkling2TopKRouter": "scores with the activation config.scoring_func names, through "
+    "ACT2FN, which moebal's router does not offer",
+    "Inkling2LoopTopKRouter": "scores with the activation config.scoring_func names, through "
+    "ACT2FN, which moebal's router does not offer",
+    "InklingTopkRouter": "routes shared experts inside the router (a log-sigmoid softmax over "
+    "the K routed and the shared logits) and returns their weights too",
+    "Lfm2MoeTopKRouter": "computes its sigmoid scores in the model's dtype and renormalises "
+    "with a 1e-6 term, which moebal's float32 router does not reproduce exactly",
+    "Kolibri1TopKRouter": "adds its expert bias to the logits, not to the scores",
+    "LagunaTopKRouter": "soft-caps its logits with tanh before the sigmoid",
+    "LongcatFlashTopkRouter": "routes to zero (identity) experts beside the routed ones and "
+    "does not renormalise",
+    "MuseSparkTopkRouter": "multiplies its logits by output_multiplier before the sigmoid",
+    "OpenAIPrivacyFilterTopKRouter": "divides its K softmax weights by K",
+    "Gemma4TextRouter": "normalises and rescales its input inside the router and scales each "
+    "chosen weight by a learned per-expert factor",
+    "DiffusionGemmaTextRouter": "normalises and rescales its input inside the router and "
+    "scales each chosen weight by a learned per-expert factor",
     "ZayaRouter": "is an MLP router with a skip expert",
 }
 
 
 class FoundGate(NamedTuple):
-    """A supported router module of a model: its name, class, the module and its spec."""
+    """A supported router module of a model: its name, class, the module, its spec and the
+    MoE block it belongs to (its parent module)."""
 
     name: str
     class_name: str
     module: nn.Module
     spec: GateSpec
+    block: nn.Module
 
     @property
     def where(self) -> str:
@@ -139,14 +242,16 @@ def find_gates(model: nn.Module) -> tuple[list[FoundGate], list[str]]:
     """The supported router modules of ``model`` in model order, and one line per router moebal
     cannot stand in for (its name, class and why)."""
     found, unsupported = [], []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         class_name = router_class(module)
         if class_name is None:
             continue
         if class_name in UNSUPPORTED_ROUTERS:
             unsupported.append(f"{name} ({class_name}): {UNSUPPORTED_ROUTERS[class_name]}")
         else:
-            found.append(FoundGate(name, class_name, module, SUPPORTED_ROUTERS[class_name]))
+            block = modules[name.rpartition(".")[0]]
+            found.append(FoundGate(name, class_name, module, SUPPORTED_ROUTERS[class_name], block))
     return found, unsupported
 
 
@@ -155,9 +260,29 @@ def gate_attr(gate: nn.Module, path: str) -> Any:
     return operator.attrgetter(path)(gate)
 
 
+def model_score_function(gate: nn.Module, spec: GateSpec) -> str:
+    """The router's score function over all experts ("softmax" or "sigmoid")."""
+    return str(getattr(gate, spec.score_attr)) if spec.score_attr else spec.score_function
+
+
 def model_norm(gate: nn.Module, spec: GateSpec) -> bool:
     """Whether the router renormalises its K weights (its ``norm_topk_prob``)."""
+    if spec.norm_if_softmax and model_score_function(gate, spec) == "softmax":
+        return True
     return bool(getattr(gate, spec.norm) if isinstance(spec.norm, str) else spec.norm)
+
+
+def model_expert_bias(found: FoundGate) -> Optional[torch.Tensor]:
+    """The router's own loss-free expert bias ([E]), from the router or from its block, or
+    None when it has none."""
+    spec = found.spec
+    if spec.correction_bias is not None:
+        bias = gate_attr(found.module, spec.correction_bias)
+    elif spec.block_bias is not None:
+        bias = getattr(found.block, spec.block_bias, None)
+    else:
+        return None
+    return bias.reshape(-1) if isinstance(bias, torch.Tensor) else None
 
 
 __all__ = [
@@ -167,6 +292,8 @@ __all__ = [
     "UNSUPPORTED_ROUTERS",
     "find_gates",
     "gate_attr",
+    "model_expert_bias",
     "model_norm",
+    "model_score_function",
     "router_class",
 ]

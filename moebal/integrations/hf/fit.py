@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from moebal.integrations.hf.families import FoundGate, gate_attr, model_norm
+from moebal.integrations.hf.families import (
+    FoundGate,
+    gate_attr,
+    model_expert_bias,
+    model_norm,
+    model_score_function,
+)
 from moebal.integrations.hf.gate import GateAdapter
 from moebal.routing import RouterConfig
 
@@ -31,7 +37,7 @@ def router_config(
     model_values = {
         "num_experts": int(getattr(gate, spec.num_experts)),
         "top_k": int(getattr(gate, spec.top_k)),
-        "score_function": spec.score_function,
+        "score_function": model_score_function(gate, spec),
         "norm_topk_prob": model_norm(gate, spec),
     }
     for key in MODEL_FIXED_FIELDS:
@@ -54,11 +60,12 @@ def router_config(
                 f"topk_group={topk_group}), which moebal's router does not implement; "
                 f"set topk_group=n_group in the config to route over all experts"
             )
-    if spec.correction_bias is not None:
-        bias_E = getattr(gate, spec.correction_bias)
+    bias_E = model_expert_bias(found)
+    if bias_E is not None:
+        bias_name = spec.correction_bias or f"block's {spec.block_bias}"
         if bool((bias_E != 0).any()) and model_bias == "error":
             raise ValueError(
-                f"{where} has a non-zero {spec.correction_bias} (the model's own loss-free "
+                f"{where} has a non-zero {bias_name} (the model's own loss-free "
                 f"balancing); moebal's balancer {balancer!r} would route without it. Pass "
                 f"model_bias='drop' to accept that, or balancer='loss_free' with "
                 f"model_bias='init' to continue from it"
@@ -67,24 +74,38 @@ def router_config(
     return RouterConfig(balancer=balancer, **model_values, **rest)
 
 
-def _probe_output_problems(ref: tuple, ours: tuple, loose: bool, compare_choice: bool) -> list[str]:
+def _close(a: torch.Tensor, b: torch.Tensor, loose: bool) -> bool:
+    rtol, atol = (2e-2, 1e-2) if loose else (1e-4, 1e-6)
+    return torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol)
+
+
+def _probe_problems(spec_output: str, ref: tuple, ours: tuple, loose: bool,
+                    compare_choice: bool) -> list[str]:
+    """What differs between the router module's output ``ref`` and moebal's ``ours``."""
+    if spec_output == "dense":  # (weights_TE, logits_TE)
+        if ref[0].shape != ours[0].shape or ref[1].shape != ours[1].shape:
+            return ["shapes differ"]
+        if ref[0].dtype != ours[0].dtype or ref[1].dtype != ours[1].dtype:
+            return [f"dtypes differ ({ref[0].dtype} vs {ours[0].dtype})"]
+        problems = [] if _close(ref[1], ours[1], loose) else ["logits differ"]
+        if compare_choice and not torch.equal(ref[0] != 0, ours[0] != 0):
+            problems.append("chosen experts differ")
+        elif compare_choice and not _close(ref[0], ours[0], loose):
+            problems.append("gate weights differ")
+        return problems
     ref_logits, ref_weights, ref_indices = ref
     logits_TE, weights_TK, indices_TK = ours
     if ref_logits.shape != logits_TE.shape or ref_indices.shape != indices_TK.shape:
         return ["shapes differ"]
     if ref_weights.dtype != weights_TK.dtype or ref_logits.dtype != logits_TE.dtype:
         return [f"dtypes differ ({ref_weights.dtype} vs {weights_TK.dtype})"]
-    rtol, atol = (2e-2, 1e-2) if loose else (1e-4, 1e-6)
-    problems = []
-    if not torch.allclose(ref_logits.float(), logits_TE.float(), rtol=rtol, atol=atol):
-        problems.append("logits differ")
+    problems = [] if _close(ref_logits, logits_TE, loose) else ["logits differ"]
     if compare_choice:
         ref_order = ref_indices.argsort(dim=-1)
         our_order = indices_TK.argsort(dim=-1)
         if not torch.equal(ref_indices.gather(1, ref_order), indices_TK.gather(1, our_order)):
             problems.append("chosen experts differ")
-        elif not torch.allclose(ref_weights.gather(1, ref_order).float(),
-                                weights_TK.gather(1, our_order).float(), rtol=rtol, atol=atol):
+        elif not _close(ref_weights.gather(1, ref_order), weights_TK.gather(1, our_order), loose):
             problems.append("gate weights differ")
     return problems
 
@@ -97,20 +118,25 @@ def verify_gate(found: FoundGate, config: RouterConfig) -> None:
     gate, spec, where = found.module, found.spec, found.where
     weight_ED = gate_attr(gate, spec.weight)
     generator = torch.Generator().manual_seed(0)
-    x_TD = torch.randn(32, weight_ED.shape[1], generator=generator).to(weight_ED)
+    shape = (2, 16, weight_ED.shape[1]) if spec.probe_3d else (32, weight_ED.shape[1])
+    x = torch.randn(*shape, generator=generator).to(weight_ED)
+    bias_E = model_expert_bias(found)
+    extra = (bias_E,) if spec.block_bias is not None else ()
     try:
-        ref = type(gate).forward(gate, x_TD)
+        ref = type(gate).forward(gate, x, *extra)
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot stand in for it
         raise ValueError(f"{where}: its forward fails on a probe ({exc}); not patched") from None
-    if not (isinstance(ref, tuple) and len(ref) == 3 and all(isinstance(t, torch.Tensor) for t in ref)):
-        raise ValueError(f"{where} does not return (logits, weights, indices) in this "
-                         f"transformers version; not patched")
+    arity = 2 if spec.output == "dense" else 3
+    if not (isinstance(ref, tuple) and len(ref) == arity
+            and all(isinstance(t, torch.Tensor) for t in ref)):
+        expected = "(weights, logits)" if spec.output == "dense" else "(logits, weights, indices)"
+        raise ValueError(f"{where} does not return {expected} in this transformers version; "
+                         f"not patched")
     probe_cfg = replace(config, balancer="none", capacity_factor=None, extra=dict(config.extra))
     probe = GateAdapter(found.name, found.class_name, spec, probe_cfg).to(weight_ED.device).eval()
-    bias = getattr(gate, spec.correction_bias) if spec.correction_bias else None
-    compare_choice = bias is None or not bool((bias != 0).any())  # else the model uses its bias
-    problems = _probe_output_problems(ref, probe(gate, x_TD), weight_ED.dtype != torch.float32,
-                                      compare_choice)
+    compare_choice = bias_E is None or not bool((bias_E != 0).any())  # else it uses its bias
+    problems = _probe_problems(spec.output, ref, probe(gate, x), weight_ED.dtype != torch.float32,
+                               compare_choice)
     if problems:
         raise ValueError(
             f"{where} in this transformers version does not compute what moebal reproduces "
@@ -121,7 +147,7 @@ def verify_gate(found: FoundGate, config: RouterConfig) -> None:
 def init_expert_bias(found: FoundGate, adapter: GateAdapter) -> None:
     """Start the balancer's expert bias (``bias_E``, the loss_free balancer's) from the
     model's own correction bias: the same score space (added to the unbiased scores)."""
-    model_bias_E = getattr(found.module, found.spec.correction_bias)
+    model_bias_E = model_expert_bias(found)
     bias_E = getattr(adapter.router.balancer, "bias_E", None)
     if not isinstance(bias_E, torch.Tensor) or bias_E.shape != model_bias_E.shape:
         raise ValueError(

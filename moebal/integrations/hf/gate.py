@@ -11,6 +11,7 @@ from torch import nn
 
 from moebal.integrations.hf.families import GateSpec, gate_attr
 from moebal.integrations.hf.record import RoutingRecord
+from moebal.integrations.hf.tokens import AttentionMask
 from moebal.routing import Router, RouterConfig, Routing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,9 +35,11 @@ def gate_logits(gate: nn.Module, spec: GateSpec, x_TD: torch.Tensor) -> torch.Te
 def model_outputs(
     gate: nn.Module, spec: GateSpec, routing: Routing, logits_TE: torch.Tensor,
     hidden_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """``routing`` as the router module returns it: ``(logits, weights, indices)``, the K
-    slots best expert first, the weights times the model's scaling factor in its dtype."""
+    slots best expert first, the weights times the model's scaling factor in its dtype; or,
+    for ``spec.output == "dense"`` (Llama 4), ``(weights_TE, logits)`` with each token's
+    weights scattered over all experts (0 where not chosen), as the model applies them."""
     order_TK = torch.argsort(routing.weights_TK.detach(), dim=-1, descending=True, stable=True)
     weights_TK = routing.weights_TK.gather(1, order_TK)
     indices_TK = routing.indices_TK.gather(1, order_TK)
@@ -46,7 +49,32 @@ def model_outputs(
         weights_TK = weights_TK.to(logits_TE.dtype)
     elif spec.weights_dtype == "hidden":
         weights_TK = weights_TK.to(hidden_dtype)
+    if spec.output == "dense":
+        dense_TE = torch.zeros_like(logits_TE, dtype=weights_TK.dtype)
+        return dense_TE.scatter(1, indices_TK, weights_TK), logits_TE
     return logits_TE, weights_TK, indices_TK
+
+
+def with_padding(router: Router, logits_TE: torch.Tensor, valid_T: torch.Tensor,
+                 seq_len: Optional[int]) -> Routing:
+    """Route the tokens ``valid_T`` keeps through ``router`` (their loads, losses and the
+    balancer's update are the routing's) and the others, padding, by the plain top-k of the
+    scores, as the model itself would: padding takes no capacity and counts as no load."""
+    config = router.config
+    real = router(logits_TE[valid_T], seq_len=seq_len)
+    scores_PE = router.scores(logits_TE[~valid_T])
+    pad_weights_PK, pad_indices_PK = torch.topk(scores_PE, config.top_k, dim=-1)
+    if config.norm_topk_prob:
+        pad_weights_PK = pad_weights_PK / pad_weights_PK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    T, K = logits_TE.shape[0], config.top_k
+    indices_TK = real.indices_TK.new_empty(T, K)
+    indices_TK[valid_T] = real.indices_TK
+    indices_TK[~valid_T] = pad_indices_PK
+    weights_TK = real.weights_TK.new_zeros(T, K).index_put((valid_T,), real.weights_TK)
+    weights_TK = weights_TK.index_put((~valid_T,), pad_weights_PK.to(weights_TK.dtype))
+    kept_TK = torch.ones(T, K, dtype=torch.bool, device=logits_TE.device)
+    kept_TK[valid_T] = real.kept_TK
+    return Routing(indices_TK, weights_TK, kept_TK, real.aux_loss, real.z_loss, real.loads_E)
 
 
 class GateAdapter(nn.Module):
@@ -55,6 +83,8 @@ class GateAdapter(nn.Module):
     name, class_name  the router module's name in the model and its class (for messages).
     layer, record     the MoE layer's index and the :class:`RoutingRecord` each forward adds
                       its :class:`Routing` to (None: not recorded, as for the patch's probe).
+    tokens            the :class:`AttentionMask` of the model forward: tokens it masks out
+                      are routed but count as no load (None: every token counts).
     checkpointed_by   the modules above the router with a ``gradient_checkpointing`` flag.
 
     The adapters of a patched model are registered as ``model.moebal`` (a ModuleList, one per
@@ -67,7 +97,7 @@ class GateAdapter(nn.Module):
     def __init__(
         self, name: str, class_name: str, spec: GateSpec, config: RouterConfig, *,
         layer: int = 0, record: Optional[RoutingRecord] = None,
-        group: Optional["dist.ProcessGroup"] = None, checkpointed_by: Iterable[nn.Module] = (),
+        tokens: Optional[AttentionMask] = None, group: Optional["dist.ProcessGroup"] = None, checkpointed_by: Iterable[nn.Module] = (),
     ):
         super().__init__()
         self.name = name
@@ -76,9 +106,10 @@ class GateAdapter(nn.Module):
         self.router = Router(config, group=group)
         self.layer = layer
         self.record = record
+        self.tokens = tokens
         self.seq_len: Optional[int] = None
         self.checkpointed_by = list(checkpointed_by)
-        # balancer state before each checkpointed forward, for backward's recompute
+        # (balancer state, valid tokens) of each checkpointed forward, for backward's recompute
         self._replay: collections.deque = collections.deque()
 
     def extra_repr(self) -> str:
@@ -108,21 +139,30 @@ class GateAdapter(nn.Module):
             owner, _, leaf = name.rpartition(".")
             self.router.get_submodule(owner)._buffers[leaf] = value
 
-    def route(self, logits_TE: torch.Tensor, seq_len: Optional[int]) -> Routing:
-        """The router's answer for these logits; a checkpointed layer's recompute routes from
-        the balancer state its forward saw and leaves the state as it found it."""
+    def _router(self, logits_TE: torch.Tensor, seq_len: Optional[int],
+                valid_T: Optional[torch.Tensor]) -> Routing:
+        if valid_T is None:
+            return self.router(logits_TE, seq_len=seq_len)
+        return with_padding(self.router, logits_TE, valid_T, None)
+
+    def route(self, logits_TE: torch.Tensor, seq_len: Optional[int],
+              valid_T: Optional[torch.Tensor] = None) -> Routing:
+        """The router's answer for these logits, padding (``valid_T`` False) not counted; a
+        checkpointed layer's recompute routes from the balancer state its forward saw and
+        leaves the state as it found it."""
         if self.training and self._replay and self._recomputing():
             # Backward re-runs a checkpointed layer: route it again from the balancer state
-            # its forward saw (same choice, same saved tensors), then put the state back, so
-            # the balancer counts the batch once.
+            # (and the padding) its forward saw, so the choice and the saved tensors are the
+            # forward's, then put the state back, so the balancer counts the batch once.
             state_now = self._buffers_snapshot()
-            self._restore_buffers(self._replay.popleft())
-            routing = self.router(logits_TE, seq_len=seq_len)
+            state_then, valid_T = self._replay.popleft()
+            self._restore_buffers(state_then)
+            routing = self._router(logits_TE, seq_len, valid_T)
             self._restore_buffers(state_now)
             return routing
         if self.training and self._checkpointing():
-            self._replay.append(self._buffers_snapshot())
-        routing = self.router(logits_TE, seq_len=seq_len)
+            self._replay.append((self._buffers_snapshot(), valid_T))
+        routing = self._router(logits_TE, seq_len, valid_T)
         if self.record is not None:
             self.record.add(self.layer, routing, self.training)
         return routing
@@ -133,7 +173,8 @@ class GateAdapter(nn.Module):
         if seq_len is not None and (seq_len < 1 or x_TD.shape[0] % seq_len):
             seq_len = None
         logits_TE = gate_logits(gate, self.spec, x_TD)
-        routing = self.route(logits_TE, seq_len)
+        valid_T = None if self.tokens is None else self.tokens.valid_T(x_TD.shape[0])
+        routing = self.route(logits_TE, seq_len, valid_T)
         return model_outputs(gate, self.spec, routing, logits_TE, hidden_states.dtype)
 
 

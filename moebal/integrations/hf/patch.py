@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import nn
 
-from moebal.integrations.hf.families import SUPPORTED_ROUTERS, FoundGate, find_gates, gate_attr
+from moebal.integrations.hf.families import (
+    SUPPORTED_ROUTERS,
+    FoundGate,
+    find_gates,
+    gate_attr,
+    model_expert_bias,
+)
 from moebal.integrations.hf.fit import (
     MODEL_BIAS_POLICIES,
     init_expert_bias,
@@ -20,6 +26,7 @@ from moebal.integrations.hf.fit import (
 from moebal.integrations.hf.gate import ADAPTER_ATTR, GateAdapter
 from moebal.integrations.hf.handle import CONFIG_KEY, HANDLE_ATTR, SUBMODULE, PatchHandle
 from moebal.integrations.hf.record import RoutingRecord
+from moebal.integrations.hf.tokens import AttentionMask
 from moebal.routing import RouterConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +61,10 @@ def patch_model(
                         ``step()`` so every rank keeps the same state (None: this process;
                         under DDP pass ``torch.distributed.group.WORLD`` or the DP group).
 
+    Tokens that the ``attention_mask`` given to the model's forward masks out (padding) are
+    routed as the model routes them (the plain top-k of its scores) but count as no load:
+    they are left out of the loads, MaxVio, aux losses and every balancer's update.
+
     Raises ValueError naming the module for a model with no supported MoE router, a model
     already patched, or options the model's router cannot honour; the model is then left
     unchanged.
@@ -65,13 +76,14 @@ def patch_model(
     balancer, router_options = _resolve_options(model, balancer, router_options)
     found = _patchable_gates(model)
     # Build everything first: any bad option raises before the model is touched.
-    record = RoutingRecord(len(found))
-    adapters = _build_adapters(model, found, balancer, router_options, model_bias, group, record)
+    record, tokens = RoutingRecord(len(found)), AttentionMask()
+    adapters = _build_adapters(model, found, balancer, router_options, model_bias, group,
+                               record, tokens)
     _warn_if_the_models_aux_loss_is_on(model, balancer)
 
     handle = PatchHandle(model, balancer, router_options, record)
     config_entry = {"balancer": balancer, **_jsonable(router_options)}
-    handle.install(found, adapters, add_loss_to_output,
+    handle.install(found, adapters, tokens, add_loss_to_output,
                    config_entry if getattr(model, "config", None) is not None else None)
     return handle
 
@@ -132,8 +144,10 @@ def _patchable_gates(model: nn.Module) -> list[FoundGate]:
 def _build_adapters(
     model: nn.Module, found: list[FoundGate], balancer: str, options: dict[str, Any],
     model_bias: str, group: Optional["dist.ProcessGroup"], record: RoutingRecord,
+    tokens: AttentionMask,
 ) -> list[GateAdapter]:
-    """One checked adapter per router module, on its device, recording into ``record``."""
+    """One checked adapter per router module, on its device, recording into ``record`` and
+    counting the tokens ``tokens`` keeps."""
     modules = dict(model.named_modules())
     adapters = []
     for layer, gate in enumerate(found):
@@ -143,10 +157,10 @@ def _build_adapters(
         ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
         adapter = GateAdapter(
             gate.name, gate.class_name, gate.spec, config, layer=layer, record=record,
-            group=group,
+            tokens=tokens, group=group,
             checkpointed_by=[m for m in ancestors if hasattr(m, "gradient_checkpointing")],
         )
-        if model_bias == "init" and gate.spec.correction_bias is not None:
+        if model_bias == "init" and model_expert_bias(gate) is not None:
             init_expert_bias(gate, adapter)
         adapter.to(device=gate_attr(gate.module, gate.spec.weight).device)
         adapters.append(adapter)
