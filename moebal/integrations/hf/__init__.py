@@ -33,13 +33,17 @@ z-loss of the last forward, summed over MoE layers (Megatron-core's convention),
 ``handle.loss()``; when ``add_loss_to_output`` is True (default) the patch adds it to the
 ``loss`` the model returns when given labels, so ``Trainer`` picks it up unchanged.
 
-The router sees every token of the batch, padding included (the model's blocks do not pass
-the attention mask to their routers).
+Padding is not load: the models' MoE blocks do not see the attention mask, so the patch
+catches the ``attention_mask`` given to the model's forward (``model(ids,
+attention_mask=...)``, ``Trainer`` with a padding collator, ``generate``) and the tokens it
+masks out are routed by the plain top-k of the scores, as the model routes them, but left out
+of the loads, MaxVio, aux losses and every balancer's update.
 
 Modules: :mod:`.families` (which router classes, how each routes), :mod:`.gate` (the adapter
-a patched router runs), :mod:`.record` (what the layers routed), :mod:`.fit` (the router
-config and the probe), :mod:`.handle` (the patch handle), :mod:`.checkpoint` (balancer state
-from a checkpoint), :mod:`.patch` (``patch_model``, ``from_pretrained``).
+a patched router runs), :mod:`.record` (what the layers routed), :mod:`.tokens` (which tokens
+count: the attention mask), :mod:`.fit` (the router config and the probe), :mod:`.handle`
+(the patch handle), :mod:`.checkpoint` (balancer state from a checkpoint), :mod:`.patch`
+(``patch_model``, ``from_pretrained``).
 """
 
 from moebal.integrations.hf.families import SUPPORTED_ROUTERS, UNSUPPORTED_ROUTERS, GateSpec

@@ -209,6 +209,11 @@ UNSUPPORTED_ROUTERS: dict[str, str] = {
     "DiffusionGemmaTextRouter": "normalises and rescales its input inside the router and "
     "scales each chosen weight by a learned per-expert factor",
     "ZayaRouter": "is an MLP router with a skip expert",
+    # MoE blocks that choose their experts themselves, with no router module
+    "DogeCDMoE": "chooses its experts inside the MoE block by product-key retrieval over "
+    "the expert embeddings (no router module)",
+    "VitPoseBackboneMoeMLP": "chooses its expert by the dataset index given to the forward, "
+    "not by a router",
 }
 
 

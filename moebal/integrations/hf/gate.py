@@ -173,7 +173,7 @@ class GateAdapter(nn.Module):
         if seq_len is not None and (seq_len < 1 or x_TD.shape[0] % seq_len):
             seq_len = None
         logits_TE = gate_logits(gate, self.spec, x_TD)
-        valid_T = None if self.tokens is None else self.tokens.valid_T(x_TD.shape[0])
+        valid_T = None if self.tokens is None else self.tokens.valid_T(x_TD.shape[0], seq_len)
         routing = self.route(logits_TE, seq_len, valid_T)
         return model_outputs(gate, self.spec, routing, logits_TE, hidden_states.dtype)
 

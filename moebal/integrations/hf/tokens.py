@@ -24,16 +24,18 @@ class AttentionMask:
     def __init__(self) -> None:
         self.mask_BW: Optional[torch.Tensor] = None
 
-    def valid_T(self, num_tokens: int) -> Optional[torch.Tensor]:
-        """bool [T]: which of the ``num_tokens`` tokens (rows ``b * S + s``) the mask keeps;
-        None when every token counts (no mask, no padding, or a mask of another shape)."""
+    def valid_T(self, num_tokens: int, seq_len: Optional[int]) -> Optional[torch.Tensor]:
+        """bool [T]: which of the ``num_tokens`` tokens (rows ``b * S + s`` of a router whose
+        block sees ``[B, S, D]`` with ``S = seq_len``) the mask keeps; None when every token
+        counts: no mask, no padding, or tokens that are not the batch's ``B * S`` (a block
+        that routes a subset of them, as a vision-expert block does)."""
         mask_BW = self.mask_BW
-        if mask_BW is None:
+        if mask_BW is None or seq_len is None:
             return None
         B, W = mask_BW.shape
-        if B == 0 or num_tokens % B or num_tokens // B > W:
+        S = seq_len
+        if num_tokens != B * S or S > W:
             return None
-        S = num_tokens // B
         valid_BS = mask_BW[:, W - S:] != 0
         if bool(valid_BS.all()):
             return None
