@@ -62,7 +62,7 @@ class MoebalCallback(TrainerCallback):
         for router in self.handle.routers:
             # the Trainer steps the balancers: no implicit step per forward, even before
             # the first optimizer step (Router's default without a training loop)
-            router._explicit_steps = True
+            router.auto_step = False
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.tracker is None:

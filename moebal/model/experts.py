@@ -148,13 +148,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         T, D = x_TD.shape
         K = routing.indices_TK.shape[1]
-        expert_S = routing.indices_TK.reshape(-1)  # S = T*K slots, token-major
+        expert_TK = routing.indices_TK.reshape(-1)  # the T*K slots flattened, token-major
         if bool(routing.kept_TK.all()):  # dropless
-            slot_N = torch.argsort(expert_S, stable=True)
+            slot_N = torch.argsort(expert_TK, stable=True)
         else:  # capacity dropped some slots: sort only the kept ones
-            kept_S = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
-            slot_N = kept_S[torch.argsort(expert_S[kept_S], stable=True)]
-        counts_E = torch.bincount(expert_S[slot_N], minlength=self.num_experts)
+            kept_N = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
+            slot_N = kept_N[torch.argsort(expert_TK[kept_N], stable=True)]
+        counts_E = torch.bincount(expert_TK[slot_N], minlength=self.num_experts)
         token_N = torch.div(slot_N, K, rounding_mode="floor")
 
         y_ND = self.run_sorted(x_TD.index_select(0, token_N), counts_E)

@@ -40,10 +40,11 @@ masks out are routed by the plain top-k of the scores, as the model routes them,
 of the loads, MaxVio, aux losses and every balancer's update.
 
 Modules: :mod:`.families` (which router classes, how each routes), :mod:`.gate` (the adapter
-a patched router runs), :mod:`.record` (what the layers routed), :mod:`.tokens` (which tokens
-count: the attention mask), :mod:`.fit` (the router config and the probe), :mod:`.handle`
-(the patch handle), :mod:`.checkpoint` (balancer state from a checkpoint), :mod:`.patch`
-(``patch_model``, ``from_pretrained``).
+a patched router runs, on moebal's one gate-and-router core), :mod:`.forward` (one model
+forward: its attention mask, its routing log), :mod:`.record` (what the layers routed),
+:mod:`.fit` (the router config and the probe), :mod:`.handle` (the patch handle),
+:mod:`.checkpoint` (balancer state from a checkpoint), :mod:`.patch` (``patch_model``,
+``from_pretrained``).
 """
 
 from moebal.integrations.hf.families import SUPPORTED_ROUTERS, UNSUPPORTED_ROUTERS, GateSpec

@@ -26,6 +26,7 @@ class GateSpec:
     weights_dtype   dtype of the returned weights: "float32", "logits" or "hidden".
     weight, bias    attribute paths of the linear weight [E, D] and optional bias [E].
     linear_fp32     the logits come from float32 copies of input and weight (DeepSeek).
+    fp32_no_autocast  the same with autocast off (ERNIE, Flint).
     input_to_weight the input is cast to the weight's dtype before the linear.
     logits_fp32     the logits are cast to float32 after the linear (Granite).
     scale           gate attribute of a factor on the K weights (routed_scaling_factor).
@@ -50,6 +51,7 @@ class GateSpec:
     weight: str = "weight"
     bias: Optional[str] = None
     linear_fp32: bool = False
+    fp32_no_autocast: bool = False
     input_to_weight: bool = False
     logits_fp32: bool = False
     scale: Optional[str] = None
@@ -81,7 +83,7 @@ _DEEPSEEK_V3_LIKE = dict(
 )
 _MINIMAX_M2_LIKE = dict(score_function="sigmoid", norm=True, weights_dtype="float32",
                         input_to_weight=True)
-_ERNIE_LIKE = dict(norm=True, weights_dtype="hidden", linear_fp32=True,
+_ERNIE_LIKE = dict(norm=True, weights_dtype="hidden", fp32_no_autocast=True,
                    correction_bias="moe_statics.e_score_correction_bias")
 
 # Router classes of transformers 5.x whose routing moebal reproduces; each is exercised by
@@ -169,7 +171,7 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
                                             scale="routed_scaling_factor",
                                             groups=("num_group", "topk_group")),
     "FlintTopKRouter": GateSpec(("flint",), score_function="sigmoid", norm="norm_topk_prob",
-                                weights_dtype="float32", linear_fp32=True),
+                                weights_dtype="float32", fp32_no_autocast=True),
     # the top-k of the logits is that of their sigmoid; the block applies the K sigmoid
     # scores to each token's copy for every expert (0 for the experts not chosen)
     "Llama4Router": GateSpec(("llama4",), score_function="sigmoid", norm=False,

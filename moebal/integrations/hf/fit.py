@@ -132,7 +132,7 @@ def verify_gate(found: FoundGate, config: RouterConfig) -> None:
         expected = "(weights, logits)" if spec.output == "dense" else "(logits, weights, indices)"
         raise ValueError(f"{where} does not return {expected} in this transformers version; "
                          f"not patched")
-    probe_cfg = replace(config, balancer="none", capacity_factor=None, extra=dict(config.extra))
+    probe_cfg = replace(config, balancer="none", balancer_name=None, capacity_factor=None)
     probe = GateAdapter(found.name, found.class_name, spec, probe_cfg).to(weight_ED.device).eval()
     compare_choice = bias_E is None or not bool((bias_E != 0).any())  # else it uses its bias
     problems = _probe_problems(spec.output, ref, probe(gate, x), weight_ED.dtype != torch.float32,
@@ -153,7 +153,7 @@ def init_expert_bias(found: FoundGate, adapter: GateAdapter) -> None:
         raise ValueError(
             f"{found.where}: model_bias='init' needs a balancer with an expert bias "
             f"of {tuple(model_bias_E.shape)} (balancer='loss_free'), not "
-            f"{adapter.router.config.balancer!r}"
+            f"{adapter.router.config.balancer_name!r}"
         )
     with torch.no_grad():
         bias_E.copy_(model_bias_E.detach().to(bias_E.dtype).cpu())

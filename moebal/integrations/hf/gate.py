@@ -1,4 +1,11 @@
-"""What a patched ``transformers`` router module runs: the model's logits, moebal's choice."""
+"""What a patched ``transformers`` router module runs: the model's logits, moebal's choice.
+
+The logits come from the router module's own weight by the model's arithmetic
+(:func:`model_logits`); the choice, the gate weights, the losses and the balancer's update
+come from moebal's one gate-and-router core, :class:`moebal.routing.Router`, routing into
+the forward's :class:`moebal.routing.RoutingLog`; :func:`model_outputs` returns its answer
+in the module's own form.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,12 @@ import collections
 from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moebal.integrations.hf.families import GateSpec, gate_attr
-from moebal.integrations.hf.record import RoutingRecord
-from moebal.integrations.hf.tokens import AttentionMask
-from moebal.routing import Router, RouterConfig, Routing
+from moebal.integrations.hf.forward import ModelForward
+from moebal.routing import Router, RouterConfig, Routing, RoutingLog, gate_logits
+from moebal.routing.router import recomputing
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -20,15 +26,18 @@ if TYPE_CHECKING:  # pragma: no cover
 ADAPTER_ATTR = "_moebal_adapter"  # plain attribute of a patched router module
 
 
-def gate_logits(gate: nn.Module, spec: GateSpec, x_TD: torch.Tensor) -> torch.Tensor:
+def model_logits(gate: nn.Module, spec: GateSpec, x_TD: torch.Tensor) -> torch.Tensor:
     """[T, E] logits of the router module ``gate``, computed as the model computes them."""
     weight_ED = gate_attr(gate, spec.weight)
     bias_E = gate_attr(gate, spec.bias) if spec.bias else None
-    if spec.linear_fp32:
-        return F.linear(x_TD.float(), weight_ED.float(), None if bias_E is None else bias_E.float())
-    if spec.input_to_weight:
+    if spec.fp32_no_autocast:
+        return gate_logits(x_TD, weight_ED, bias_E, float32=True)
+    if spec.linear_fp32:  # float32 copies, as the model makes them (autocast applies)
+        x_TD, weight_ED = x_TD.float(), weight_ED.float()
+        bias_E = None if bias_E is None else bias_E.float()
+    elif spec.input_to_weight:
         x_TD = x_TD.to(weight_ED.dtype)
-    logits_TE = F.linear(x_TD, weight_ED, bias_E)
+    logits_TE = gate_logits(x_TD, weight_ED, bias_E, float32=False)
     return logits_TE.float() if spec.logits_fp32 else logits_TE
 
 
@@ -56,12 +65,12 @@ def model_outputs(
 
 
 def with_padding(router: Router, logits_TE: torch.Tensor, valid_T: torch.Tensor,
-                 seq_len: Optional[int]) -> Routing:
+                 log: Optional[RoutingLog]) -> Routing:
     """Route the tokens ``valid_T`` keeps through ``router`` (their loads, losses and the
     balancer's update are the routing's) and the others, padding, by the plain top-k of the
     scores, as the model itself would: padding takes no capacity and counts as no load."""
     config = router.config
-    real = router(logits_TE[valid_T], seq_len=seq_len)
+    real = router(logits_TE[valid_T], None, log=log)
     scores_PE = router.scores(logits_TE[~valid_T])
     pad_weights_PK, pad_indices_PK = torch.topk(scores_PE, config.top_k, dim=-1)
     if config.norm_topk_prob:
@@ -81,10 +90,10 @@ class GateAdapter(nn.Module):
     """Routes one patched router module through a :class:`moebal.routing.Router`.
 
     name, class_name  the router module's name in the model and its class (for messages).
-    layer, record     the MoE layer's index and the :class:`RoutingRecord` each forward adds
-                      its :class:`Routing` to (None: not recorded, as for the patch's probe).
-    tokens            the :class:`AttentionMask` of the model forward: tokens it masks out
-                      are routed but count as no load (None: every token counts).
+    layer, forward    the MoE layer's index and the patched model's :class:`ModelForward`:
+                      its attention mask says which tokens count as load, its log takes the
+                      balancer update, and the routing is recorded when it ends (None: route
+                      alone, update at once, record nothing, as the patch's probe does).
     checkpointed_by   the modules above the router with a ``gradient_checkpointing`` flag.
 
     The adapters of a patched model are registered as ``model.moebal`` (a ModuleList, one per
@@ -96,8 +105,8 @@ class GateAdapter(nn.Module):
 
     def __init__(
         self, name: str, class_name: str, spec: GateSpec, config: RouterConfig, *,
-        layer: int = 0, record: Optional[RoutingRecord] = None,
-        tokens: Optional[AttentionMask] = None, group: Optional["dist.ProcessGroup"] = None, checkpointed_by: Iterable[nn.Module] = (),
+        layer: int = 0, forward: Optional[ModelForward] = None,
+        group: Optional["dist.ProcessGroup"] = None, checkpointed_by: Iterable[nn.Module] = (),
     ):
         super().__init__()
         self.name = name
@@ -105,12 +114,12 @@ class GateAdapter(nn.Module):
         self.spec = spec
         self.router = Router(config, group=group)
         self.layer = layer
-        self.record = record
-        self.tokens = tokens
+        self.model_forward = forward
         self.seq_len: Optional[int] = None
         self.checkpointed_by = list(checkpointed_by)
-        # (balancer state, valid tokens) of each checkpointed forward, for backward's recompute
-        self._replay: collections.deque = collections.deque()
+        # the padding of each checkpointed forward, for backward's recompute (the router
+        # keeps the balancer state that forward saw)
+        self._replay_valid: collections.deque = collections.deque()
 
     def extra_repr(self) -> str:
         return f"patches {self.name} ({self.class_name})"
@@ -118,53 +127,39 @@ class GateAdapter(nn.Module):
     @property
     def pending_replays(self) -> int:
         """Checkpointed forwards whose recompute has not run yet."""
-        return len(self._replay)
+        return len(self._replay_valid)
 
     def end_step(self) -> None:
-        """Forget the balancer states saved for recomputes (an optimizer step is over)."""
-        self._replay.clear()
-
-    def _recomputing(self) -> bool:
-        """True when autograd re-runs this forward for activation checkpointing."""
-        return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+        """Forget what was kept for recomputes (an optimizer step is over)."""
+        self._replay_valid.clear()
 
     def _checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.checkpointed_by)
 
-    def _buffers_snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: buf.clone() for name, buf in self.router.named_buffers()}
-
-    def _restore_buffers(self, snapshot: dict[str, torch.Tensor]) -> None:
-        for name, value in snapshot.items():
-            owner, _, leaf = name.rpartition(".")
-            self.router.get_submodule(owner)._buffers[leaf] = value
-
-    def _router(self, logits_TE: torch.Tensor, seq_len: Optional[int],
-                valid_T: Optional[torch.Tensor]) -> Routing:
+    def _route(self, logits_TE: torch.Tensor, seq_len: Optional[int],
+               valid_T: Optional[torch.Tensor], log: Optional[RoutingLog]) -> Routing:
         if valid_T is None:
-            return self.router(logits_TE, seq_len=seq_len)
-        return with_padding(self.router, logits_TE, valid_T, None)
+            return self.router(logits_TE, seq_len, log=log)
+        return with_padding(self.router, logits_TE, valid_T, log)
 
     def route(self, logits_TE: torch.Tensor, seq_len: Optional[int],
               valid_T: Optional[torch.Tensor] = None) -> Routing:
-        """The router's answer for these logits, padding (``valid_T`` False) not counted; a
-        checkpointed layer's recompute routes from the balancer state its forward saw and
-        leaves the state as it found it."""
-        if self.training and self._replay and self._recomputing():
-            # Backward re-runs a checkpointed layer: route it again from the balancer state
-            # (and the padding) its forward saw, so the choice and the saved tensors are the
-            # forward's, then put the state back, so the balancer counts the batch once.
-            state_now = self._buffers_snapshot()
-            state_then, valid_T = self._replay.popleft()
-            self._restore_buffers(state_then)
-            routing = self._router(logits_TE, seq_len, valid_T)
-            self._restore_buffers(state_now)
-            return routing
-        if self.training and self._checkpointing():
-            self._replay.append((self._buffers_snapshot(), valid_T))
-        routing = self._router(logits_TE, seq_len, valid_T)
-        if self.record is not None:
-            self.record.add(self.layer, routing, self.training)
+        """The router's answer for these logits, padding (``valid_T`` False) not counted. A
+        checkpointed layer's recompute routes the tokens its forward routed, from the balancer
+        state that forward saw, and changes nothing."""
+        if self.training and recomputing():
+            if self._replay_valid:
+                valid_T = self._replay_valid.popleft()
+            return self._route(logits_TE, seq_len, valid_T, None)
+        checkpointing = self.training and self._checkpointing() and torch.is_grad_enabled()
+        self.router.replay = checkpointing
+        if checkpointing:
+            self._replay_valid.append(valid_T)
+        forward = self.model_forward
+        log = None if forward is None else forward.log_for(self.layer)
+        routing = self._route(logits_TE, seq_len, valid_T, log)
+        if forward is not None:
+            forward.routed(self.layer, routing, self.training)
         return routing
 
     def forward(self, gate: nn.Module, hidden_states: torch.Tensor):
@@ -172,14 +167,17 @@ class GateAdapter(nn.Module):
         seq_len = hidden_states.shape[1] if hidden_states.dim() == 3 else self.seq_len
         if seq_len is not None and (seq_len < 1 or x_TD.shape[0] % seq_len):
             seq_len = None
-        logits_TE = gate_logits(gate, self.spec, x_TD)
-        valid_T = None if self.tokens is None else self.tokens.valid_T(x_TD.shape[0], seq_len)
+        logits_TE = model_logits(gate, self.spec, x_TD)
+        forward = self.model_forward
+        valid_T = None if forward is None else forward.valid_T(x_TD.shape[0], seq_len)
         routing = self.route(logits_TE, seq_len, valid_T)
         return model_outputs(gate, self.spec, routing, logits_TE, hidden_states.dtype)
 
 
 def patched_gate_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
-    """Replaces ``forward`` of a patched router module (bound to the instance)."""
+    """Replaces ``forward`` of a patched router module (bound to the instance); arguments
+    after the hidden states (the expert bias some blocks pass) are the model's own balancing,
+    which the balancer replaces."""
     return self.__dict__[ADAPTER_ATTR](self, hidden_states)
 
 
@@ -200,5 +198,5 @@ class SeqLenHook:
         )
 
 
-__all__ = ["ADAPTER_ATTR", "GateAdapter", "SeqLenHook", "gate_logits", "model_outputs",
-           "patched_gate_forward"]
+__all__ = ["ADAPTER_ATTR", "GateAdapter", "SeqLenHook", "model_logits", "model_outputs",
+           "patched_gate_forward", "with_padding"]

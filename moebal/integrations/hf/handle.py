@@ -14,7 +14,7 @@ from moebal.integrations.hf.checkpoint import read_checkpoint_keys
 from moebal.integrations.hf.families import FoundGate
 from moebal.integrations.hf.gate import ADAPTER_ATTR, GateAdapter, SeqLenHook, patched_gate_forward
 from moebal.integrations.hf.record import RoutingRecord
-from moebal.integrations.hf.tokens import AttentionMask, MaskCatchHook, MaskReleaseHook
+from moebal.integrations.hf.forward import ForwardBeginHook, ForwardEndHook, ModelForward
 from moebal.metrics import max_violation_per_layer
 from moebal.routing import Router, Routing
 
@@ -58,15 +58,15 @@ class PatchHandle:
         self.patched = False
 
     # -- patch and undo ------------------------------------------------------------------
-    def install(self, found: list[FoundGate], adapters: list[GateAdapter], tokens: AttentionMask,
+    def install(self, found: list[FoundGate], adapters: list[GateAdapter], forward: ModelForward,
                 add_loss_to_output: bool, config_entry: Optional[dict[str, Any]]) -> None:
         """Route each found router module through its adapter; register the adapters as
-        ``model.moebal``, the hooks that catch the attention mask into ``tokens``, the loss
-        hook and the patch options in ``model.config``."""
+        ``model.moebal``, the hooks that open and close the model's ``forward`` (before the
+        loss hook, which reads what it recorded) and the patch options in ``model.config``."""
         model = self.model
         self._hooks.append(
-            model.register_forward_pre_hook(MaskCatchHook(tokens), with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(MaskReleaseHook(tokens)))
+            model.register_forward_pre_hook(ForwardBeginHook(forward), with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(ForwardEndHook(forward)))
         modules = dict(model.named_modules())
         for gate, adapter in zip(found, adapters):
             gate.module.__dict__[ADAPTER_ATTR] = adapter  # not a submodule: state is in model.moebal

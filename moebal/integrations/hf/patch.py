@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import nn
@@ -26,8 +25,8 @@ from moebal.integrations.hf.fit import (
 from moebal.integrations.hf.gate import ADAPTER_ATTR, GateAdapter
 from moebal.integrations.hf.handle import CONFIG_KEY, HANDLE_ATTR, SUBMODULE, PatchHandle
 from moebal.integrations.hf.record import RoutingRecord
-from moebal.integrations.hf.tokens import AttentionMask
-from moebal.routing import RouterConfig
+from moebal.integrations.hf.forward import ModelForward
+from moebal.routing import router_option_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -76,14 +75,14 @@ def patch_model(
     balancer, router_options = _resolve_options(model, balancer, router_options)
     found = _patchable_gates(model)
     # Build everything first: any bad option raises before the model is touched.
-    record, tokens = RoutingRecord(len(found)), AttentionMask()
+    forward = ModelForward(RoutingRecord(len(found)))
     adapters = _build_adapters(model, found, balancer, router_options, model_bias, group,
-                               record, tokens)
+                               forward)
     _warn_if_the_models_aux_loss_is_on(model, balancer)
 
-    handle = PatchHandle(model, balancer, router_options, record)
+    handle = PatchHandle(model, balancer, router_options, forward.record)
     config_entry = {"balancer": balancer, **_jsonable(router_options)}
-    handle.install(found, adapters, tokens, add_loss_to_output,
+    handle.install(found, adapters, forward, add_loss_to_output,
                    config_entry if getattr(model, "config", None) is not None else None)
     return handle
 
@@ -92,7 +91,7 @@ def _resolve_options(model: nn.Module, balancer: Optional[str],
                      options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The balancer and router options to patch with: those given, over those saved in the
     model's config by an earlier patch when no balancer is given."""
-    known = {f.name for f in fields(RouterConfig)} - {"balancer"}
+    known = set(router_option_names())
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown router options {unknown}; known: {sorted(known)}")
@@ -143,11 +142,10 @@ def _patchable_gates(model: nn.Module) -> list[FoundGate]:
 
 def _build_adapters(
     model: nn.Module, found: list[FoundGate], balancer: str, options: dict[str, Any],
-    model_bias: str, group: Optional["dist.ProcessGroup"], record: RoutingRecord,
-    tokens: AttentionMask,
+    model_bias: str, group: Optional["dist.ProcessGroup"], forward: ModelForward,
 ) -> list[GateAdapter]:
-    """One checked adapter per router module, on its device, recording into ``record`` and
-    counting the tokens ``tokens`` keeps."""
+    """One checked adapter per router module, on its device, routing within the model's
+    ``forward``."""
     modules = dict(model.named_modules())
     adapters = []
     for layer, gate in enumerate(found):
@@ -156,8 +154,8 @@ def _build_adapters(
         parts = gate.name.split(".")
         ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
         adapter = GateAdapter(
-            gate.name, gate.class_name, gate.spec, config, layer=layer, record=record,
-            tokens=tokens, group=group,
+            gate.name, gate.class_name, gate.spec, config, layer=layer, forward=forward,
+            group=group,
             checkpointed_by=[m for m in ancestors if hasattr(m, "gradient_checkpointing")],
         )
         if model_bias == "init" and model_expert_bias(gate) is not None:

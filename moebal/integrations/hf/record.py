@@ -2,8 +2,8 @@
 
 A ``transformers`` router module must return the model's own ``(logits, weights, indices)``,
 so the rest of moebal's :class:`moebal.routing.Routing` (loads, aux loss, z-loss) cannot be
-returned through the model; each layer's adapter adds it to the :class:`RoutingRecord` it was
-handed, and the patch handle reads it from there.
+returned through the model; each model forward adds its layers' routings to the
+:class:`RoutingRecord` when it ends, and the patch handle reads them from there.
 """
 
 from __future__ import annotations
