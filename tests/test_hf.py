@@ -482,3 +482,29 @@ def test_every_balancer_trains_steps_and_round_trips_its_state(balancer):
     clone_handle.load_state_dict(model.state_dict())  # a full model state dict works too
     for key, value in state.items():
         assert torch.equal(clone_handle.state_dict()[key], value), key
+
+
+def test_a_forward_that_fails_changes_no_balancer_state():
+    """The layers' balancer updates wait for the end of the model's forward: a later layer's
+    NaN logits leave the earlier layers' state (and the record) as they were."""
+    from moebal.routing import NonFiniteLogits
+
+    model = tiny().train()
+    handle = patch_model(model, balancer="bip")
+    x = tokens()
+    model(x)
+    state = {k: v.clone() for k, v in handle.state_dict().items()}
+    loads, step_loads = handle.loads(), handle.step_loads()
+    gate = gates(model)[1]
+    saved = gate.weight.detach().clone()
+    with torch.no_grad():
+        gate.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogits):
+        model(tokens(seed=4))
+    for key, value in state.items():
+        assert torch.equal(handle.state_dict()[key], value), key
+    assert torch.equal(handle.loads(), loads) and torch.equal(handle.step_loads(), step_loads)
+    with torch.no_grad():
+        gate.weight.copy_(saved)
+    model(tokens(seed=4))  # the next forward starts afresh
+    assert int(handle.step_loads().sum()) == 2 * int(step_loads.sum())
