@@ -125,3 +125,17 @@ def test_a_trainer_with_a_padding_collator_counts_only_real_tokens(tmp_path):
     assert len(seen) == 2
     real = sum(int(loads_LE.sum(1)[0]) for loads_LE in seen) // 2  # K = 2 slots per token
     assert real == sum(lengths)  # not 4 batches x 2 rows x their padded widths
+
+
+def test_generate_with_left_padding_counts_only_the_real_prompt_tokens():
+    x = tokens(seed=2, batch=2, seq=6)
+    xp, mask, _ = padded(x, 3, "left")
+    model = tiny().eval()
+    ref = model.generate(xp, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    handle = patch_model(model, balancer="none")
+    first = []
+    handle.model.register_forward_hook(lambda m, a, o: first.append(handle.loads()))
+    out = model.generate(xp, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+    assert torch.all(first[0].sum(1) == x.numel() * 2)  # the prompt: its 12 real tokens
+    assert torch.all(first[1].sum(1) == 2 * 2)  # then one new token per row

@@ -70,6 +70,7 @@ def with_padding(router: Router, logits_TE: torch.Tensor, valid_T: torch.Tensor,
     balancer's update are the routing's) and the others, padding, by the plain top-k of the
     scores, as the model itself would: padding takes no capacity and counts as no load."""
     config = router.config
+    valid_T = valid_T.to(logits_TE.device)  # the mask's device may not be this layer's
     real = router(logits_TE[valid_T], None, log=log)
     scores_PE = router.scores(logits_TE[~valid_T])
     pad_weights_PK, pad_indices_PK = torch.topk(scores_PE, config.top_k, dim=-1)
