@@ -67,3 +67,15 @@ def test_llama4_dense_weights_are_the_models_and_train_under_a_balancer():
     model(X, labels=X).loss.backward()
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
     assert torch.all(handle.step().sum(1) == X.numel() * router.top_k)
+
+
+def test_a_bias_on_the_logits_cannot_start_the_loss_free_bias():
+    model = tiny("kolibri1")
+    with torch.no_grad():
+        for bias in expert_biases(model, "e_score_correction_bias"):
+            bias.copy_(torch.linspace(-0.4, 0.4, bias.numel()))
+    with pytest.raises(ValueError, match="non-zero e_score_correction_bias"):
+        patch_model(model)
+    with pytest.raises(ValueError, match=r"\(Kolibri1TopKRouter\) adds its expert bias to the logits"):
+        patch_model(model, balancer="loss_free", model_bias="init")
+    patch_model(model, model_bias="drop").unpatch()

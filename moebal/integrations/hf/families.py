@@ -29,8 +29,12 @@ class GateSpec:
     fp32_no_autocast  the same with autocast off (ERNIE, Flint).
     input_to_weight the input is cast to the weight's dtype before the linear.
     logits_fp32     the logits are cast to float32 after the linear (Granite).
+    logit_scale     gate attribute of a factor on the logits (MuSpark's output_multiplier).
+    logit_softcap   gate attribute of a tanh soft cap on the logits (Laguna; 0 = none).
     scale           gate attribute of a factor on the K weights (routed_scaling_factor).
     correction_bias gate attribute path of the model's own loss-free expert bias.
+    bias_on_logits  that bias is added to the logits, not to the scores (Kolibri): the
+                    loss-free balancer cannot start from it.
     block_bias      attribute of the MoE block (the router's parent) holding that bias, when
                     the block passes it to the router's forward (AFMoE, MiniMax-M2).
     score_attr      gate attribute naming the score function, over ``score_function``.
@@ -54,9 +58,12 @@ class GateSpec:
     fp32_no_autocast: bool = False
     input_to_weight: bool = False
     logits_fp32: bool = False
+    logit_scale: Optional[str] = None
+    logit_softcap: Optional[str] = None
     scale: Optional[str] = None
     correction_bias: Optional[str] = None
     block_bias: Optional[str] = None
+    bias_on_logits: bool = False
     score_attr: Optional[str] = None
     norm_if_softmax: bool = False
     output: str = "topk"
@@ -170,6 +177,24 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
                                             weights_dtype="float32", linear_fp32=True,
                                             scale="routed_scaling_factor",
                                             groups=("num_group", "topk_group")),
+    # renormalised with a 1e-6 term: to rounding
+    "Lfm2MoeTopKRouter": GateSpec(("lfm2_moe",), score_function="sigmoid",
+                                  norm="norm_topk_prob", weights_dtype="logits",
+                                  scale="routed_scaling_factor", block_bias="expert_bias"),
+    "LagunaTopKRouter": GateSpec(("laguna",), score_function="sigmoid", norm=True,
+                                 weights_dtype="hidden", logits_fp32=True,
+                                 logit_softcap="router_logit_softcapping",
+                                 correction_bias="e_score_correction_bias"),
+    "MuseSparkTopkRouter": GateSpec(("muse_spark",), score_function="sigmoid", norm=True,
+                                    weights_dtype="float32", linear_fp32=True,
+                                    logit_scale="output_multiplier",
+                                    scale="routed_scaling_factor",
+                                    correction_bias="e_score_correction_bias"),
+    # the top-k of the logits (plus its bias) is that of their sigmoid
+    "Kolibri1TopKRouter": GateSpec(("kolibri1",), score_function="sigmoid",
+                                   norm="norm_topk_prob", weights_dtype="float32",
+                                   linear_fp32=True, correction_bias="e_score_correction_bias",
+                                   bias_on_logits=True),
     "FlintTopKRouter": GateSpec(("flint",), score_function="sigmoid", norm="norm_topk_prob",
                                 weights_dtype="float32", fp32_no_autocast=True),
     # the top-k of the logits is that of their sigmoid; the block applies the K sigmoid
@@ -198,13 +223,8 @@ UNSUPPORTED_ROUTERS: dict[str, str] = {
     "ACT2FN, which moebal's router does not offer",
     "InklingTopkRouter": "routes shared experts inside the router (a log-sigmoid softmax over "
     "the K routed and the shared logits) and returns their weights too",
-    "Lfm2MoeTopKRouter": "computes its sigmoid scores in the model's dtype and renormalises "
-    "with a 1e-6 term, which moebal's float32 router does not reproduce exactly",
-    "Kolibri1TopKRouter": "adds its expert bias to the logits, not to the scores",
-    "LagunaTopKRouter": "soft-caps its logits with tanh before the sigmoid",
     "LongcatFlashTopkRouter": "routes to zero (identity) experts beside the routed ones and "
     "does not renormalise",
-    "MuseSparkTopkRouter": "multiplies its logits by output_multiplier before the sigmoid",
     "OpenAIPrivacyFilterTopKRouter": "divides its K softmax weights by K",
     "Gemma4TextRouter": "normalises and rescales its input inside the router and scales each "
     "chosen weight by a learned per-expert factor",

@@ -148,6 +148,11 @@ def init_expert_bias(found: FoundGate, adapter: GateAdapter) -> None:
     """Start the balancer's expert bias (``bias_E``, the loss_free balancer's) from the
     model's own correction bias: the same score space (added to the unbiased scores)."""
     model_bias_E = model_expert_bias(found)
+    if found.spec.bias_on_logits:
+        raise ValueError(
+            f"{found.where} adds its expert bias to the logits, not to the scores; "
+            f"model_bias='init' cannot start the balancer's bias from it (use 'drop')"
+        )
     bias_E = getattr(adapter.router.balancer, "bias_E", None)
     if not isinstance(bias_E, torch.Tensor) or bias_E.shape != model_bias_E.shape:
         raise ValueError(

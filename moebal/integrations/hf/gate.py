@@ -38,7 +38,14 @@ def model_logits(gate: nn.Module, spec: GateSpec, x_TD: torch.Tensor) -> torch.T
     elif spec.input_to_weight:
         x_TD = x_TD.to(weight_ED.dtype)
     logits_TE = gate_logits(x_TD, weight_ED, bias_E, float32=False)
-    return logits_TE.float() if spec.logits_fp32 else logits_TE
+    if spec.logits_fp32:
+        logits_TE = logits_TE.float()
+    if spec.logit_scale is not None:
+        logits_TE = logits_TE * getattr(gate, spec.logit_scale)
+    if spec.logit_softcap is not None and getattr(gate, spec.logit_softcap) > 0:
+        cap = getattr(gate, spec.logit_softcap)
+        logits_TE = torch.tanh(logits_TE / cap) * cap
+    return logits_TE
 
 
 def model_outputs(
