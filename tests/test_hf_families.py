@@ -129,7 +129,7 @@ OVERRIDES: dict[str, dict] = {
 # softmax top-k up to rounding)
 TO_ROUNDING = {"GraniteMoeTopKRouter", "GraniteMoeSharedTopKRouter", "GraniteMoeSWATopKRouter",
                "GraniteMoeHybridTopKRouter", "AriaTextTopKRouter", "GptOssTopKRouter",
-               "Cohere2MoeTopKRouter", "Lfm2MoeTopKRouter"}
+               "Cohere2MoeTopKRouter", "Lfm2MoeTopKRouter", "OpenAIPrivacyFilterTopKRouter"}
 
 
 def per_layer(values: list, num_layers: int) -> list:
@@ -152,8 +152,9 @@ def model_class(config_cls, model_type, name=None):
     return classes[0]
 
 
-def tiny(folder):
-    overrides = dict(OVERRIDES.get(folder, {}))
+def tiny(folder, **extra):
+    """A tiny random model of ``folder``'s family (``extra``: config fields over OVERRIDES)."""
+    overrides = {**OVERRIDES.get(folder, {}), **extra}
     mtype = overrides.pop("model_type", None) or model_type(folder)
     class_name = overrides.pop("model_class", None)
     config_cls = getattr(transformers, CONFIG_MAPPING_NAMES[mtype])

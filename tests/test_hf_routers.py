@@ -79,3 +79,20 @@ def test_a_bias_on_the_logits_cannot_start_the_loss_free_bias():
     with pytest.raises(ValueError, match=r"\(Kolibri1TopKRouter\) adds its expert bias to the logits"):
         patch_model(model, balancer="loss_free", model_bias="init")
     patch_model(model, model_bias="drop").unpatch()
+
+
+def test_a_score_function_the_router_does_not_offer_is_refused_by_name():
+    """DeepSeek-V4's routed layers score with sqrtsoftplus (its hash layers are refused too);
+    with sigmoid they are patched exactly."""
+    model = tiny("deepseek_v4", mlp_layer_types=["moe", "moe"])
+    with pytest.raises(ValueError, match=r"mlp\.gate \(DeepseekV4TopKRouter\) scores with "
+                                         r"SqrtSoftplusActivation"):
+        patch_model(model)
+    model = tiny("deepseek_v4", mlp_layer_types=["moe", "moe"], scoring_func="sigmoid")
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "DeepseekV4TopKRouter":
+                module.weight.normal_(0, 0.5)
+        ref = forward(model, X)
+        patch_model(model)
+        assert torch.equal(forward(model, X), ref)

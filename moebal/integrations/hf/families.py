@@ -32,12 +32,14 @@ class GateSpec:
     logit_scale     gate attribute of a factor on the logits (MuSpark's output_multiplier).
     logit_softcap   gate attribute of a tanh soft cap on the logits (Laguna; 0 = none).
     scale           gate attribute of a factor on the K weights (routed_scaling_factor).
+    divide_by       gate attribute the K weights are divided by (OpenAI's filter: top_k).
     correction_bias gate attribute path of the model's own loss-free expert bias.
     bias_on_logits  that bias is added to the logits, not to the scores (Kolibri): the
                     loss-free balancer cannot start from it.
     block_bias      attribute of the MoE block (the router's parent) holding that bias, when
                     the block passes it to the router's forward (AFMoE, MiniMax-M2).
-    score_attr      gate attribute naming the score function, over ``score_function``.
+    score_attr      gate attribute naming the score function, over ``score_function``: a
+                    name, or an activation module (``ACT2FN[config.scoring_func]``).
     norm_if_softmax the model's softmax is over the K largest logits (Cohere2): the K
                     weights sum to 1 whatever ``norm`` says.
     output          "topk": ``(logits, weights_TK, indices_TK)``; "dense" (Llama 4):
@@ -61,6 +63,7 @@ class GateSpec:
     logit_scale: Optional[str] = None
     logit_softcap: Optional[str] = None
     scale: Optional[str] = None
+    divide_by: Optional[str] = None
     correction_bias: Optional[str] = None
     block_bias: Optional[str] = None
     bias_on_logits: bool = False
@@ -195,6 +198,22 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
                                    norm="norm_topk_prob", weights_dtype="float32",
                                    linear_fp32=True, correction_bias="e_score_correction_bias",
                                    bias_on_logits=True),
+    # the score function by config.scoring_func (sigmoid; DeepSeek-V4's sqrtsoftplus refused)
+    "DeepseekV4TopKRouter": GateSpec(("deepseek_v4",), score_attr="score_fn", norm=True,
+                                     weights_dtype="logits", scale="routed_scaling_factor",
+                                     correction_bias="e_score_correction_bias"),
+    "Inkling2TopKRouter": GateSpec(("inkling2",), score_attr="score_fn", norm=True,
+                                   weights_dtype="float32", linear_fp32=True,
+                                   scale="routed_scaling_factor",
+                                   correction_bias="e_score_correction_bias"),
+    "Inkling2LoopTopKRouter": GateSpec(("inkling2_loop",), score_attr="score_fn", norm=True,
+                                       weights_dtype="float32", linear_fp32=True,
+                                       scale="routed_scaling_factor",
+                                       correction_bias="e_score_correction_bias"),
+    # a softmax over the K largest logits, divided by K (to rounding)
+    "OpenAIPrivacyFilterTopKRouter": GateSpec(("openai_privacy_filter",), norm=True,
+                                              weights_dtype="float32", linear_fp32=True,
+                                              bias="bias", divide_by="top_k"),
     "FlintTopKRouter": GateSpec(("flint",), score_function="sigmoid", norm="norm_topk_prob",
                                 weights_dtype="float32", fp32_no_autocast=True),
     # the top-k of the logits is that of their sigmoid; the block applies the K sigmoid
@@ -215,17 +234,10 @@ UNSUPPORTED_ROUTERS: dict[str, str] = {
     "DbrxRouter": "returns only logits; the top-k is taken inside the MoE block",
     "JetMoeTopKGating": "returns a token permutation rather than K indices and weights",
     "DeepseekV4HashRouter": "chooses experts by a fixed token-id table, not by scores",
-    "DeepseekV4TopKRouter": "scores with the activation config.scoring_func names "
-    "(sqrtsoftplus by default), which moebal's router does not offer",
-    "Inkling2TopKRouter": "scores with the activation config.scoring_func names, through "
-    "ACT2FN, which moebal's router does not offer",
-    "Inkling2LoopTopKRouter": "scores with the activation config.scoring_func names, through "
-    "ACT2FN, which moebal's router does not offer",
     "InklingTopkRouter": "routes shared experts inside the router (a log-sigmoid softmax over "
     "the K routed and the shared logits) and returns their weights too",
-    "LongcatFlashTopkRouter": "routes to zero (identity) experts beside the routed ones and "
-    "does not renormalise",
-    "OpenAIPrivacyFilterTopKRouter": "divides its K softmax weights by K",
+    "LongcatFlashTopkRouter": "routes to zero (identity) experts beside the routed ones; "
+    "balancing them as experts would change how much computation each token gets",
     "Gemma4TextRouter": "normalises and rescales its input inside the router and scales each "
     "chosen weight by a learned per-expert factor",
     "DiffusionGemmaTextRouter": "normalises and rescales its input inside the router and "
@@ -288,8 +300,14 @@ def gate_attr(gate: nn.Module, path: str) -> Any:
 
 
 def model_score_function(gate: nn.Module, spec: GateSpec) -> str:
-    """The router's score function over all experts ("softmax" or "sigmoid")."""
-    return str(getattr(gate, spec.score_attr)) if spec.score_attr else spec.score_function
+    """The router's score function over all experts: "softmax", "sigmoid", or the name of
+    another (which no RouterConfig accepts)."""
+    if not spec.score_attr:
+        return spec.score_function
+    score = getattr(gate, spec.score_attr)
+    if isinstance(score, nn.Module):  # an activation module: ACT2FN[config.scoring_func]
+        return "sigmoid" if type(score) is nn.Sigmoid else type(score).__name__
+    return str(score)
 
 
 def model_norm(gate: nn.Module, spec: GateSpec) -> bool:

@@ -22,6 +22,7 @@ from moebal.integrations.hf.families import (
 )
 from moebal.integrations.hf.gate import GateAdapter
 from moebal.routing import RouterConfig
+from moebal.routing.config import SCORE_FUNCTIONS
 
 MODEL_BIAS_POLICIES = ("error", "drop", "init")
 
@@ -34,10 +35,16 @@ def router_config(
 ) -> RouterConfig:
     """The RouterConfig that reproduces this router's routing, or ValueError naming it."""
     gate, spec, where = found.module, found.spec, found.where
+    score_function = model_score_function(gate, spec)
+    if score_function not in SCORE_FUNCTIONS:
+        raise ValueError(
+            f"{where} scores with {score_function}, which moebal's router does not offer "
+            f"(its score functions: {', '.join(SCORE_FUNCTIONS)}); not patched"
+        )
     model_values = {
         "num_experts": int(getattr(gate, spec.num_experts)),
         "top_k": int(getattr(gate, spec.top_k)),
-        "score_function": model_score_function(gate, spec),
+        "score_function": score_function,
         "norm_topk_prob": model_norm(gate, spec),
     }
     for key in MODEL_FIXED_FIELDS:

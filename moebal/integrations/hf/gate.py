@@ -61,6 +61,8 @@ def model_outputs(
     indices_TK = routing.indices_TK.gather(1, order_TK)
     if spec.scale is not None:
         weights_TK = weights_TK * getattr(gate, spec.scale)
+    if spec.divide_by is not None:
+        weights_TK = weights_TK / getattr(gate, spec.divide_by)
     if spec.weights_dtype == "logits":
         weights_TK = weights_TK.to(logits_TE.dtype)
     elif spec.weights_dtype == "hidden":
