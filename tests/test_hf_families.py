@@ -175,13 +175,14 @@ def tiny(folder, **extra):
 
 @torch.no_grad()
 def randomise_routers(model):
-    """Random router weights (some families start them at zero, where every choice is a tie);
-    the models' own expert biases stay zero."""
+    """Random router parameters (some families start them at zero, where every choice is a
+    tie, or at one, where a per-expert scale does nothing); the models' own expert biases
+    stay zero."""
     generator = torch.Generator().manual_seed(3)
     for module in model.modules():
         if type(module).__name__ in SUPPORTED_ROUTERS:
             for name, p in module.named_parameters():
-                if name.endswith("weight") or name == "bias":
+                if "correction" not in name:  # weights, biases, per-expert scales
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
 
 

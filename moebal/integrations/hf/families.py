@@ -28,11 +28,14 @@ class GateSpec:
     linear_fp32     the logits come from float32 copies of input and weight (DeepSeek).
     fp32_no_autocast  the same with autocast off (ERNIE, Flint).
     input_to_weight the input is cast to the weight's dtype before the linear.
+    rms_input       the router normalises its input first (``gate.norm``, times
+                    ``gate.scale`` and ``gate.scalar_root_size``: Gemma 4).
     logits_fp32     the logits are cast to float32 after the linear (Granite).
     logit_scale     gate attribute of a factor on the logits (MuSpark's output_multiplier).
     logit_softcap   gate attribute of a tanh soft cap on the logits (Laguna; 0 = none).
     scale           gate attribute of a factor on the K weights (routed_scaling_factor).
     divide_by       gate attribute the K weights are divided by (OpenAI's filter: top_k).
+    expert_scale    gate parameter [E] of a learned factor on each chosen expert's weight.
     correction_bias gate attribute path of the model's own loss-free expert bias.
     bias_on_logits  that bias is added to the logits, not to the scores (Kolibri): the
                     loss-free balancer cannot start from it.
@@ -42,7 +45,8 @@ class GateSpec:
                     name, or an activation module (``ACT2FN[config.scoring_func]``).
     norm_if_softmax the model's softmax is over the K largest logits (Cohere2): the K
                     weights sum to 1 whatever ``norm`` says.
-    output          "topk": ``(logits, weights_TK, indices_TK)``; "dense" (Llama 4):
+    output          "topk": ``(logits, weights_TK, indices_TK)``; "probs" (Gemma 4): the
+                    same with the float32 softmax of the logits first; "dense" (Llama 4):
                     ``(weights_TE, logits)``, each token's weights over all E experts.
     probe_3d        the router takes ``[B, S, D]`` only (its probe input is 3-D).
     groups          gate attributes (n_group, topk_group) of group-limited routing.
@@ -59,11 +63,13 @@ class GateSpec:
     linear_fp32: bool = False
     fp32_no_autocast: bool = False
     input_to_weight: bool = False
+    rms_input: bool = False
     logits_fp32: bool = False
     logit_scale: Optional[str] = None
     logit_softcap: Optional[str] = None
     scale: Optional[str] = None
     divide_by: Optional[str] = None
+    expert_scale: Optional[str] = None
     correction_bias: Optional[str] = None
     block_bias: Optional[str] = None
     bias_on_logits: bool = False
@@ -214,6 +220,18 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
     "OpenAIPrivacyFilterTopKRouter": GateSpec(("openai_privacy_filter",), norm=True,
                                               weights_dtype="float32", linear_fp32=True,
                                               bias="bias", divide_by="top_k"),
+    # softmax top-k of the logits of its normalised input; each weight times a learned
+    # per-expert factor; returns the probabilities first
+    "Gemma4TextRouter": GateSpec(("gemma4",), norm=True, weights_dtype="float32",
+                                 weight="proj.weight", rms_input=True,
+                                 expert_scale="per_expert_scale", output="probs",
+                                 top_k="config.top_k_experts",
+                                 num_experts="config.num_experts"),
+    "DiffusionGemmaTextRouter": GateSpec(("diffusion_gemma",), norm=True,
+                                         weights_dtype="float32", weight="proj.weight",
+                                         rms_input=True, expert_scale="per_expert_scale",
+                                         output="probs", top_k="config.top_k_experts",
+                                         num_experts="config.num_experts"),
     "FlintTopKRouter": GateSpec(("flint",), score_function="sigmoid", norm="norm_topk_prob",
                                 weights_dtype="float32", fp32_no_autocast=True),
     # the top-k of the logits is that of their sigmoid; the block applies the K sigmoid
@@ -238,10 +256,6 @@ UNSUPPORTED_ROUTERS: dict[str, str] = {
     "the K routed and the shared logits) and returns their weights too",
     "LongcatFlashTopkRouter": "routes to zero (identity) experts beside the routed ones; "
     "balancing them as experts would change how much computation each token gets",
-    "Gemma4TextRouter": "normalises and rescales its input inside the router and scales each "
-    "chosen weight by a learned per-expert factor",
-    "DiffusionGemmaTextRouter": "normalises and rescales its input inside the router and "
-    "scales each chosen weight by a learned per-expert factor",
     "ZayaRouter": "is an MLP router with a skip expert",
     # MoE blocks that choose their experts themselves, with no router module
     "DogeCDMoE": "chooses its experts inside the MoE block by product-key retrieval over "

@@ -42,8 +42,8 @@ def router_config(
             f"(its score functions: {', '.join(SCORE_FUNCTIONS)}); not patched"
         )
     model_values = {
-        "num_experts": int(getattr(gate, spec.num_experts)),
-        "top_k": int(getattr(gate, spec.top_k)),
+        "num_experts": int(gate_attr(gate, spec.num_experts)),
+        "top_k": int(gate_attr(gate, spec.top_k)),
         "score_function": score_function,
         "norm_topk_prob": model_norm(gate, spec),
     }

@@ -30,6 +30,8 @@ def model_logits(gate: nn.Module, spec: GateSpec, x_TD: torch.Tensor) -> torch.T
     """[T, E] logits of the router module ``gate``, computed as the model computes them."""
     weight_ED = gate_attr(gate, spec.weight)
     bias_E = gate_attr(gate, spec.bias) if spec.bias else None
+    if spec.rms_input:
+        x_TD = gate.norm(x_TD) * gate.scale * gate.scalar_root_size
     if spec.fp32_no_autocast:
         return gate_logits(x_TD, weight_ED, bias_E, float32=True)
     if spec.linear_fp32:  # float32 copies, as the model makes them (autocast applies)
@@ -63,6 +65,8 @@ def model_outputs(
         weights_TK = weights_TK * getattr(gate, spec.scale)
     if spec.divide_by is not None:
         weights_TK = weights_TK / getattr(gate, spec.divide_by)
+    if spec.expert_scale is not None:
+        weights_TK = weights_TK * gate_attr(gate, spec.expert_scale)[indices_TK]
     if spec.weights_dtype == "logits":
         weights_TK = weights_TK.to(logits_TE.dtype)
     elif spec.weights_dtype == "hidden":
@@ -70,6 +74,8 @@ def model_outputs(
     if spec.output == "dense":
         dense_TE = torch.zeros_like(logits_TE, dtype=weights_TK.dtype)
         return dense_TE.scatter(1, indices_TK, weights_TK), logits_TE
+    if spec.output == "probs":
+        return torch.softmax(logits_TE, dim=-1, dtype=torch.float32), weights_TK, indices_TK
     return logits_TE, weights_TK, indices_TK
 
 
