@@ -99,6 +99,18 @@ _DEEPSEEK_V3_LIKE = dict(
 )
 _MINIMAX_M2_LIKE = dict(score_function="sigmoid", norm=True, weights_dtype="float32",
                         input_to_weight=True)
+_HY_V3_LIKE = dict(score_function="sigmoid", norm=True, weights_dtype="float32",
+                   linear_fp32=True, scale="router_scaling_factor",
+                   block_bias="e_score_correction_bias")
+# the score function by config.scoring_func (sigmoid; DeepSeek-V4's sqrtsoftplus refused)
+_INKLING2_LIKE = dict(score_attr="score_fn", norm=True, weights_dtype="float32",
+                      linear_fp32=True, scale="routed_scaling_factor",
+                      correction_bias="e_score_correction_bias")
+# softmax top-k of the logits of its normalised input; each weight times a learned
+# per-expert factor; returns the probabilities first
+_GEMMA4_LIKE = dict(norm=True, weights_dtype="float32", weight="proj.weight", rms_input=True,
+                    expert_scale="per_expert_scale", output="probs",
+                    top_k="config.top_k_experts", num_experts="config.num_experts")
 _ERNIE_LIKE = dict(norm=True, weights_dtype="hidden", fp32_no_autocast=True,
                    correction_bias="moe_statics.e_score_correction_bias")
 
@@ -166,14 +178,8 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
                                       correction_bias="e_score_correction_bias"),
     "Step3p7TopKRouter": GateSpec(("step3p7",), **_MINIMAX_M2_LIKE,
                                   correction_bias="e_score_correction_bias"),
-    "HYV3TopKRouter": GateSpec(("hy_v3", "dots3_note"), score_function="sigmoid", norm=True,
-                               weights_dtype="float32", linear_fp32=True,
-                               scale="router_scaling_factor",
-                               block_bias="e_score_correction_bias"),
-    "Dots3NoteVisionTopKRouter": GateSpec(("dots3_note",), score_function="sigmoid", norm=True,
-                                          weights_dtype="float32", linear_fp32=True,
-                                          scale="router_scaling_factor",
-                                          block_bias="e_score_correction_bias"),
+    "HYV3TopKRouter": GateSpec(("hy_v3",), **_HY_V3_LIKE),
+    "Dots3NoteVisionTopKRouter": GateSpec(("dots3_note",), **_HY_V3_LIKE),
     "AfmoeTokenChoiceRouter": GateSpec(("afmoe",), score_function="sigmoid", norm=True,
                                        weights_dtype="float32", weight="gate.weight",
                                        logits_fp32=True, scale="route_scale",
@@ -204,34 +210,16 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
                                    norm="norm_topk_prob", weights_dtype="float32",
                                    linear_fp32=True, correction_bias="e_score_correction_bias",
                                    bias_on_logits=True),
-    # the score function by config.scoring_func (sigmoid; DeepSeek-V4's sqrtsoftplus refused)
-    "DeepseekV4TopKRouter": GateSpec(("deepseek_v4",), score_attr="score_fn", norm=True,
-                                     weights_dtype="logits", scale="routed_scaling_factor",
-                                     correction_bias="e_score_correction_bias"),
-    "Inkling2TopKRouter": GateSpec(("inkling2",), score_attr="score_fn", norm=True,
-                                   weights_dtype="float32", linear_fp32=True,
-                                   scale="routed_scaling_factor",
-                                   correction_bias="e_score_correction_bias"),
-    "Inkling2LoopTopKRouter": GateSpec(("inkling2_loop",), score_attr="score_fn", norm=True,
-                                       weights_dtype="float32", linear_fp32=True,
-                                       scale="routed_scaling_factor",
-                                       correction_bias="e_score_correction_bias"),
+    "DeepseekV4TopKRouter": GateSpec(("deepseek_v4",), **{**_INKLING2_LIKE, "linear_fp32": False,
+                                                           "weights_dtype": "logits"}),
+    "Inkling2TopKRouter": GateSpec(("inkling2",), **_INKLING2_LIKE),
+    "Inkling2LoopTopKRouter": GateSpec(("inkling2_loop",), **_INKLING2_LIKE),
     # a softmax over the K largest logits, divided by K (to rounding)
     "OpenAIPrivacyFilterTopKRouter": GateSpec(("openai_privacy_filter",), norm=True,
                                               weights_dtype="float32", linear_fp32=True,
                                               bias="bias", divide_by="top_k"),
-    # softmax top-k of the logits of its normalised input; each weight times a learned
-    # per-expert factor; returns the probabilities first
-    "Gemma4TextRouter": GateSpec(("gemma4",), norm=True, weights_dtype="float32",
-                                 weight="proj.weight", rms_input=True,
-                                 expert_scale="per_expert_scale", output="probs",
-                                 top_k="config.top_k_experts",
-                                 num_experts="config.num_experts"),
-    "DiffusionGemmaTextRouter": GateSpec(("diffusion_gemma",), norm=True,
-                                         weights_dtype="float32", weight="proj.weight",
-                                         rms_input=True, expert_scale="per_expert_scale",
-                                         output="probs", top_k="config.top_k_experts",
-                                         num_experts="config.num_experts"),
+    "Gemma4TextRouter": GateSpec(("gemma4",), **_GEMMA4_LIKE),
+    "DiffusionGemmaTextRouter": GateSpec(("diffusion_gemma",), **_GEMMA4_LIKE),
     "FlintTopKRouter": GateSpec(("flint",), score_function="sigmoid", norm="norm_topk_prob",
                                 weights_dtype="float32", fp32_no_autocast=True),
     # the top-k of the logits is that of their sigmoid; the block applies the K sigmoid
