@@ -95,6 +95,20 @@ def init_distributed(
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def world_from_env() -> tuple[int, int]:
+    """``(rank, world_size)``: the process group's when one is started, else torchrun's
+    environment (RANK, WORLD_SIZE; 0 and 1 without a launcher)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(
+            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+            f"are not integers"
+        ) from None
+
+
 def new_group(ranks: Sequence[int]) -> Optional[dist.ProcessGroup]:
     """``dist.new_group`` with this run's timeout. Every rank must call it, in the same order."""
     with collective(f"new_group({list(ranks)})"):

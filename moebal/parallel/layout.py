@@ -179,6 +179,11 @@ class ParallelLayout:
             holds[g, list(row)] = True
         return holds
 
+    def single_replica(self) -> bool:
+        """Whether every expert has one replica per scheduling group (EP size = scheduling
+        group size, or a placement like it): every token then has one rank to go to."""
+        return bool((self.holds_GE().sum(axis=0) == 1).all())
+
     def is_standard(self) -> bool:
         """Whether every EP group holds every expert exactly once (Megatron EP x EDP)."""
         for group in self.ep_groups():

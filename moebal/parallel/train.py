@@ -181,18 +181,6 @@ def _in_turns(fn: Callable[[], T], first: bool) -> T:
     return value
 
 
-def _world_from_env() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(
-            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
-            f"are not integers"
-        ) from None
-
-
 def train_parallel(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -217,7 +205,7 @@ def train_parallel(
         raise TypeError(f"parallel must be a ParallelConfig, got {type(parallel).__name__}")
     model_cfg.validate()
     train_cfg.validate()
-    rank, world = _world_from_env()
+    rank, world = comm.world_from_env()
     ExpertParallel.validate(parallel, model_cfg.num_experts, world)  # pure: no collective
     check_parallel_train(train_cfg, world)
     device = resolve_device(train_cfg.device)
