@@ -20,7 +20,7 @@ from moebal.parallel import (
     Planner,
     check_sizes,
     spawn,
-    summarise,
+    summarize_rank_stats,
 )
 from moebal.parallel.plan import check_plan, static_targets
 from parallel_workers import (
@@ -260,7 +260,7 @@ def test_step_records_count_every_token_once():
         assert all(r["makespan"] == rows[0]["makespan"] for r in rows)
         assert all(r["t_dispatch"] > 0 and r["t_compute"] > 0 and r["t_combine"] > 0
                    for r in rows)
-    summary = summarise(records)
+    summary = summarize_rank_stats(records)
     assert summary["steps"] == 2 and set(summary["per_rank"]) == {0, 1, 2, 3}
 
 

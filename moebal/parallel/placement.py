@@ -1,7 +1,9 @@
 """From a placement name (or an explicit placement) to the experts of each rank.
 
-The builders live in :mod:`moebal.schedule` (``PLACEMENTS``); this module calls them with
-the sizes of one scheduling group: ``num_gpus = sched_size``, ``slots_per_gpu = E / ep_size``.
+The builders live in :mod:`moebal.schedule` (``PLACEMENTS``, ``build_placement``);
+:func:`build_rank_placement` calls them with the sizes of one scheduling group
+(``num_gpus = sched_size``, ``slots_per_gpu = E / ep_size``) and also takes an explicit
+list of experts per rank.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from moebal import schedule
 from moebal.schedule import PLACEMENTS, Placement
-from moebal.schedule import build_placement as _build
 
 
 def check_placement_name(name: str) -> None:
@@ -20,7 +22,7 @@ def check_placement_name(name: str) -> None:
                          f"per rank, got {name!r}")
 
 
-def build_placement(
+def build_rank_placement(
     placement: Union[str, Sequence[Sequence[int]]],
     sched_size: int,
     ep_size: int,
@@ -38,7 +40,7 @@ def build_placement(
     slots = num_experts // ep_size
     if isinstance(placement, str):
         check_placement_name(placement)
-        built = _build(placement, sched_size, num_experts, slots,
+        built = schedule.build_placement(placement, sched_size, num_experts, slots,
                        loads_E=None if loads is None else np.asarray(loads), seed=seed)
         return [list(row) for row in built.experts_of_gpu], built
     if not isinstance(placement, (list, tuple, np.ndarray)):

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from moebal.model import MoEModel, ModelConfig
 from moebal.parallel import comm
-from moebal.parallel.runtime import STAT_FIELDS, ExpertParallel, ParallelConfig, summarise
+from moebal.parallel.runtime import ExpertParallel, ParallelConfig
+from moebal.parallel.stats import STAT_FIELDS, summarize_rank_stats
 from moebal.train.config import TrainConfig
 from moebal.train.trainer import (
     RUN_FILES,
@@ -290,10 +291,11 @@ def parallel_config_dict(config: ParallelConfig) -> dict[str, Any]:
 
 
 def summarise_run(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
-    """The summary of a run's "parallel" records (see :func:`moebal.parallel.summarise`)."""
+    """The summary of a run's "parallel" records (see
+    :func:`moebal.parallel.summarize_rank_stats`)."""
     records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl")
                if r.get("type") == "parallel"]
-    return summarise(records)
+    return summarize_rank_stats(records)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
