@@ -62,16 +62,17 @@ def sort_slots(indices_TK: torch.Tensor, kept_TK: torch.Tensor, num_experts: int
     return SortedSlots(slot_N, token_N, counts_E)
 
 
-def sort_runs(counts_C: torch.Tensor, key_C: torch.Tensor, total: int) -> torch.Tensor:
+def sort_runs(run_counts: torch.Tensor, run_keys: torch.Tensor, total: int) -> torch.Tensor:
     """int64 [total]: the stable permutation that orders rows by the key of their run.
 
-    The rows come as consecutive runs, ``counts_C[c]`` rows in run c (empty runs allowed,
-    ``total = counts_C.sum()``); row n of the result is the old index of the n-th row once
-    runs are ordered by ``key_C`` (rows of one run, and runs of one key, keep their order).
+    The rows come as consecutive runs, ``run_counts[c]`` rows in run c (1-D; empty runs
+    allowed, ``total = run_counts.sum()``); entry n of the result is the old index of the
+    n-th row once runs are ordered by ``run_keys`` (rows of one run, and runs of one key,
+    keep their order).
     """
-    run_N = torch.repeat_interleave(torch.arange(len(counts_C), device=counts_C.device),
-                                    counts_C, output_size=total)
-    return torch.argsort(key_C[run_N], stable=True)
+    run_N = torch.repeat_interleave(torch.arange(len(run_counts), device=run_counts.device),
+                                    run_counts, output_size=total)
+    return torch.argsort(run_keys[run_N], stable=True)
 
 
 def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:

@@ -127,23 +127,23 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(x_ND, output_splits, input_splits, group, what)
 
     @staticmethod
-    def backward(ctx, grad_MD):  # type: ignore[override]
+    def backward(ctx, grad_recv_ND):  # type: ignore[override]
         output_splits, input_splits = ctx.splits
         grad_ND = _all_to_all(
-            grad_MD, input_splits, output_splits, ctx.group, ctx.what + " (backward)"
+            grad_recv_ND, input_splits, output_splits, ctx.group, ctx.what + " (backward)"
         )
         return grad_ND, None, None, None, None
 
 
 def _all_to_all(x_ND, output_splits, input_splits, group, what):
     x_ND = x_ND.contiguous()
-    out_MD = x_ND.new_empty((int(sum(output_splits)),) + tuple(x_ND.shape[1:]))
+    out_recv_ND = x_ND.new_empty((int(sum(output_splits)),) + tuple(x_ND.shape[1:]))
     with collective(what, group):
         dist.all_to_all_single(
-            out_MD, x_ND, list(map(int, output_splits)), list(map(int, input_splits)),
+            out_recv_ND, x_ND, list(map(int, output_splits)), list(map(int, input_splits)),
             group=group,
         )
-    return out_MD
+    return out_recv_ND
 
 
 def all_to_all(

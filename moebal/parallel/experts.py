@@ -66,11 +66,11 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         t0 = self._clock(x_TD.device)
-        x_MD, counts_L, meta = self.dispatcher.dispatch(x_TD, routing)
+        x_recv_ND, local_counts, meta = self.dispatcher.dispatch(x_TD, routing)
         t1 = self._clock(x_TD.device)
-        y_MD = self.local.run_sorted(x_MD, counts_L)
+        y_recv_ND = self.local.run_sorted(x_recv_ND, local_counts)
         t2 = self._clock(x_TD.device)
-        out_TD = self.dispatcher.combine(y_MD, meta)
+        out_TD = self.dispatcher.combine(y_recv_ND, meta)
         t3 = self._clock(x_TD.device)
         if self.training:  # evaluation forwards are not part of a training step
             self.stats.add(**meta.counters(self.dispatcher.group_rank), t_dispatch=t1 - t0,

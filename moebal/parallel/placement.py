@@ -30,9 +30,9 @@ def build_rank_placement(
     seed: int = 0,
     loads: Optional[Sequence[float]] = None,
 ) -> tuple[list[list[int]], Placement]:
-    """``(experts_GS, placement)`` for one scheduling group of ``sched_size`` ranks.
+    """``(experts_of_gpu, placement)`` for one scheduling group of ``sched_size`` ranks.
 
-    ``experts_GS[g]``: the experts of rank g of the group; ``placement``: the
+    ``experts_of_gpu[g]``: the experts of rank g of the group; ``placement``: the
     ``moebal.schedule.Placement`` the scheduler takes. ``loads`` is the load history of the
     builders that use one ([E] or [steps, E]). Raises ValueError for an unknown name, sizes
     the builder cannot serve, or an explicit placement the scheduler would refuse.
@@ -46,12 +46,12 @@ def build_rank_placement(
     if not isinstance(placement, (list, tuple, np.ndarray)):
         raise TypeError(f"placement must be a name or a list of experts per rank, got "
                         f"{type(placement).__name__}")
-    experts_GS = [[int(e) for e in row] for row in placement]
-    holds_EG = np.zeros((num_experts, len(experts_GS)), dtype=bool)
-    for g, row in enumerate(experts_GS):
+    experts_of_gpu = [[int(e) for e in row] for row in placement]
+    holds_EG = np.zeros((num_experts, len(experts_of_gpu)), dtype=bool)
+    for g, row in enumerate(experts_of_gpu):
         for e in row:
             if 0 <= e < num_experts:
                 holds_EG[e, g] = True
     if not holds_EG.any(axis=1).all():  # ParallelLayout names the missing experts
-        return experts_GS, None  # type: ignore[return-value]
-    return experts_GS, Placement.from_holds(holds_EG, slots, name="explicit")
+        return experts_of_gpu, None  # type: ignore[return-value]
+    return experts_of_gpu, Placement.from_holds(holds_EG, slots, name="explicit")

@@ -176,7 +176,8 @@ class ExpertParallel:
     def expert_modules(self, model: nn.Module) -> list[ExpertParallelExperts]:
         return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
 
-    def _split_params(self, model: nn.Module) -> tuple[list[nn.Parameter], list[ExpertParallelExperts]]:
+    def _split_params(self, model: nn.Module
+                      ) -> tuple[list[nn.Parameter], list[ExpertParallelExperts]]:
         experts = self.expert_modules(model)
         if not experts:
             raise ValueError("the model is not expert-parallel: call parallelize() first")
@@ -245,14 +246,15 @@ class ExpertParallel:
 
 # -- helpers ----------------------------------------------------------------------------
 
-def _make_layout(config: ParallelConfig, num_experts: int, world_size: int) -> tuple[ParallelLayout, Any]:
+def _make_layout(config: ParallelConfig, num_experts: int,
+                 world_size: int) -> tuple[ParallelLayout, Any]:
     sched_size = check_sizes(world_size, config.ep_size, num_experts, config.sched_size)
-    experts_GS, placement = build_rank_placement(
+    experts_of_gpu, placement = build_rank_placement(
         config.placement, sched_size, config.ep_size, num_experts,
         seed=config.placement_seed, loads=config.placement_loads,
     )
-    layout = ParallelLayout.from_placement(world_size, config.ep_size, num_experts, experts_GS,
-                                           sched_size)
+    layout = ParallelLayout.from_placement(world_size, config.ep_size, num_experts,
+                                           experts_of_gpu, sched_size)
     return layout, placement
 
 

@@ -132,7 +132,7 @@ class ParallelTrainer(Trainer):
             "world_size": layout.world_size,
             "ep_size": layout.ep_size,
             "sched_size": layout.sched_size,
-            "experts": [list(row) for row in layout.experts_RS],
+            "experts": [list(row) for row in layout.experts_of_rank],
             "rank": self.ep.rank,
         }
 
