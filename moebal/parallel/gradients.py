@@ -24,8 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moebal.parallel import comm
-from moebal.parallel.comm import all_reduce_
+from moebal.parallel.comm import all_reduce_, new_group
 from moebal.parallel.layout import ParallelLayout
 
 
@@ -41,7 +40,7 @@ class GradientSync:
         self.layout, self.rank, self.dp_group, self.device = layout, rank, dp_group, device
         self.replica_groups: list[tuple[tuple[int, ...], Any]] = []
         for ranks in layout.replica_sets():
-            pg = comm.new_group(ranks) if len(ranks) > 1 else None
+            pg = new_group(ranks) if len(ranks) > 1 else None
             self.replica_groups.append((ranks, pg))
 
     @torch.no_grad()

@@ -34,8 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moebal.parallel import comm
-from moebal.parallel.comm import all_reduce_, broadcast_
+from moebal.parallel.comm import all_reduce_, broadcast_, collective, new_group
 from moebal.parallel.dispatch import ExpertParallelDispatcher
 from moebal.parallel.experts import ExpertParallelExperts
 from moebal.parallel.gradients import GradientSync, unique_params
@@ -99,7 +98,7 @@ class ExpertParallel:
         # every rank creates every group, in the same order (torch.distributed's rule)
         self.sched_pg = None
         for ranks in layout.sched_groups():
-            pg = comm.new_group(ranks) if layout.num_sched_groups > 1 else dist.group.WORLD
+            pg = new_group(ranks) if layout.num_sched_groups > 1 else dist.group.WORLD
             if rank in ranks:
                 self.sched_pg = pg
         self.dp_pg = dist.group.WORLD
@@ -231,7 +230,7 @@ class ExpertParallel:
         local = torch.tensor([self.stats.values[n] for n in STAT_FIELDS], dtype=torch.float64,
                              device=self.device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        with comm.collective("all_gather step statistics"):
+        with collective("all_gather step statistics"):
             dist.all_gather(parts, local)
         self.stats.reset()
         records = []
