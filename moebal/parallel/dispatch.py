@@ -118,9 +118,8 @@ class ExpertParallelDispatcher:
         token_N = slots.token_N[order_N]
         input_splits = plan.send_EG.sum(0).tolist()
         output_splits = plan.recv_GE.sum(1).tolist()
-        x_recv_ND = all_to_all(x_TD[token_N], output_splits, input_splits,
-                               self.group, what=f"dispatch all-to-all of MoE layer "
-                                                f"{self.layer_index}")
+        x_recv_ND = all_to_all(x_TD[token_N], output_splits, input_splits, self.group,
+                               what=f"dispatch all-to-all of MoE layer {self.layer_index}")
         recv_GE = torch.from_numpy(plan.recv_GE).to(device)
         sort_recv_N = sort_runs(recv_GE.reshape(-1), self._recv_key_GE.to(device).reshape(-1),
                                 int(x_recv_ND.shape[0]))
@@ -135,9 +134,9 @@ class ExpertParallelDispatcher:
 
     def combine(self, y_recv_ND: torch.Tensor, meta: ExpertParallelDispatch) -> torch.Tensor:
         """``out_TD``: the computed rows back at their source, gate-weighted, per token."""
-        y_back_ND = all_to_all(y_recv_ND[meta.unsort_recv_N], meta.input_splits, meta.output_splits,
-                               self.group, what=f"combine all-to-all of MoE layer "
-                                                f"{self.layer_index}")
+        y_back_ND = all_to_all(y_recv_ND[meta.unsort_recv_N], meta.input_splits,
+                               meta.output_splits, self.group,
+                               what=f"combine all-to-all of MoE layer {self.layer_index}")
         return combine_rows(y_back_ND, meta.token_N, meta.weight_N, meta.num_tokens, meta.dtype)
 
 

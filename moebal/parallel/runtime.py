@@ -141,8 +141,9 @@ class ExpertParallel:
 
         Every parameter and buffer is first broadcast from rank 0 (so all ranks start from
         rank 0's initialisation and every replica of an expert is identical), then each MoE
-        layer keeps only this rank's experts, and each router all-reduces its load
-        statistics over the data-parallel group.
+        layer keeps only this rank's experts behind an :class:`ExpertParallelDispatcher`
+        (which plans with ``self.planner`` as it is now), and each router all-reduces its
+        load statistics over the data-parallel group.
         """
         from moebal.model import MoELayer
 
