@@ -106,7 +106,7 @@ class RoutingTrace:
         self.meta: dict[str, Any] = dict(meta or {})
         for key, value in run.items():
             self.meta[key] = RUN_KEYS[key](value)
-        self._counts_int64: Optional[np.ndarray] = None
+        self._counts_int64: tuple[Optional[np.ndarray], Optional[np.ndarray]] = (None, None)
 
     def __repr__(self) -> str:
         return (f"RoutingTrace(steps={self.num_steps}, layers={self.num_layers}, "
@@ -175,9 +175,11 @@ class RoutingTrace:
     @property
     def counts_SLRE(self) -> np.ndarray:
         """``counts_PLRE`` as int64 (the name of the simulator's former trace class)."""
-        if self._counts_int64 is None or self._counts_int64.shape != self.counts_PLRE.shape:
-            self._counts_int64 = self.counts_PLRE.astype(np.int64, copy=False)
-        return self._counts_int64
+        source, cached = self._counts_int64
+        if source is not self.counts_PLRE:  # first use, or counts_PLRE was replaced
+            cached = self.counts_PLRE.astype(np.int64, copy=False)
+            self._counts_int64 = (self.counts_PLRE, cached)
+        return cached
 
     @property
     def loads(self) -> np.ndarray:
