@@ -40,15 +40,33 @@ def assert_one_error_line(proc, needle):
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--ep-size", "3"], "world size 2 is not a multiple of the EP size 3"),
-    (["--placement", "asymmetric", "--placement-loads", "missing.npy"], "does not exist"),
-    (["--set", "batch_size=3"], "does not split over 2 processes"),
-])
-def test_bad_sizes_are_one_line_before_any_process_starts(corpus_dir, tmp_path, argv, needle):
-    proc = moebal_train(corpus_dir, "--nproc", "2", "--out", str(tmp_path / "run"), *argv)
-    assert_one_error_line(proc, needle)
+def test_bad_sizes_are_one_line_before_any_process_starts(corpus_dir, tmp_path):
+    proc = moebal_train(corpus_dir, "--nproc", "2", "--out", str(tmp_path / "run"),
+                        "--ep-size", "3")
+    assert_one_error_line(proc, "world size 2 is not a multiple of the EP size 3")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--placement", "asymmetric", "--placement-loads", "missing.npy"], "does not exist"),
+    (["--placement", "eplb"], "--placement-loads FILE"),
+    (["--placement", "symmetric", "--sched-size", "3"], "scheduling group size 3"),
+    (["--set", "batch_size=3"], "does not split over 2 processes"),
+    (["--set", "num_experts=3"], "num_experts=3 does not divide"),
+    (["--trace"], "--trace records the routing of a single process"),
+])
+def test_bad_input_is_refused_before_torchrun_starts(monkeypatch, capsys, tmp_path, argv, needle):
+    import moebal.parallel.cli as parallel_cli
+    from moebal.cli import main
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("torchrun was started")
+
+    monkeypatch.setattr(parallel_cli.subprocess, "run", no_launch)
+    code = main(["train", "--preset", "micro", "--nproc", "2", "--out", str(tmp_path / "run"),
+                 *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("moebal:") == 1 and needle in err, err
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from moebal.parallel.launch import ERRORS_ENV, first_rank_error, reported_once, 
 from moebal.parallel.layout import ParallelLayout
 from moebal.parallel.plan import SCHEDULES
 
+LOAD_PLACEMENTS = ("asymmetric", "eplb")  # the placements built from --placement-loads
 PARALLEL_FLAGS = ("ep_size", "placement", "schedule", "sched_size", "placement_seed",
                   "placement_loads")
 
@@ -101,6 +102,10 @@ def parallel_config_from_args(args: argparse.Namespace, world_size: int, num_exp
     loads = None
     if args.placement_loads is not None:
         loads = load_placement_loads(args.placement_loads, num_experts)
+    elif args.placement in LOAD_PLACEMENTS:
+        raise ValueError(f"--placement {args.placement} is built from a load history: give "
+                         f"--placement-loads FILE (.npy/.json [E] or [steps, E], or a "
+                         f"trace.npz of moebal train --trace)")
     ep_size = args.ep_size
     if ep_size is None:
         ep_size = default_ep_size(world_size, num_experts)
