@@ -162,7 +162,8 @@ def microbatches(
         raise ValueError(f"pool must be a positive integer, got {pool!r}")
     P, L, R, E = trace.counts_PLRE.shape
     # the N = P * R shard vectors of each layer, step by step, shard by shard
-    stream_NLE = trace.counts_PLRE.astype(np.int64, copy=False).transpose(0, 2, 1, 3).reshape(P * R, L, E)
+    counts_PLRE = trace.counts_PLRE.astype(np.int64, copy=False)
+    stream_NLE = counts_PLRE.transpose(0, 2, 1, 3).reshape(P * R, L, E)
     N = (P * R) // pool
     stream_NLE = stream_NLE[: N * pool].reshape(N, pool, L, E).sum(1)
     M = N // num_gpus
