@@ -96,6 +96,41 @@ def _context():
     return mp.get_context("spawn")
 
 
+def _collect(procs: list, results_q: Any, timeout_s: float) -> dict[int, WorkerResult]:
+    """Every rank's result off the queue: what it sent, else ProcessDied (it exited without
+    a result) or Timeout (still running after ``timeout_s``)."""
+    got: dict[int, WorkerResult] = {}
+
+    def drain() -> None:
+        try:
+            while True:
+                rank, ok, value, etype, text = results_q.get_nowait()
+                got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
+        except queue_mod.Empty:
+            pass
+
+    deadline = time.monotonic() + timeout_s
+    while len(got) < len(procs) and time.monotonic() < deadline:
+        try:
+            rank, ok, value, etype, text = results_q.get(timeout=0.2)
+            got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+            for r in dead:  # exited without a result (killed, segfault): say so
+                time.sleep(0.2)  # its result may still be in flight
+                drain()
+                if r not in got:
+                    got[r] = WorkerResult(
+                        r, False, error_type="ProcessDied",
+                        error=f"process exited with code {procs[r].exitcode} without a result",
+                    )
+    for r in range(len(procs)):
+        if r not in got:
+            got[r] = WorkerResult(r, False, error_type="Timeout",
+                                  error=f"rank {r} did not finish within {timeout_s:g} s")
+    return got
+
+
 def spawn(
     fn: Callable[..., Any],
     nprocs: int,
@@ -133,34 +168,7 @@ def spawn(
     try:
         for p in procs:
             p.start()
-        got: dict[int, WorkerResult] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(got) < nprocs and time.monotonic() < deadline:
-            try:
-                rank, ok, value, etype, text = results_q.get(timeout=0.2)
-                got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if r not in got and p.exitcode is not None]
-                for r in dead:  # exited without a result (killed, segfault): say so
-                    time.sleep(0.2)  # its result may still be in flight
-                    try:
-                        while True:
-                            rank, ok, value, etype, text = results_q.get_nowait()
-                            got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
-                    except queue_mod.Empty:
-                        pass
-                    if r not in got:
-                        got[r] = WorkerResult(
-                            r, False, error_type="ProcessDied",
-                            error=f"process exited with code {procs[r].exitcode} without a result",
-                        )
-        for r in range(nprocs):
-            if r not in got:
-                got[r] = WorkerResult(
-                    r, False, error_type="Timeout",
-                    error=f"rank {r} did not finish within {timeout_s:g} s",
-                )
+        got = _collect(procs, results_q, timeout_s)
     finally:
         for p in procs:
             if p.pid is None:  # never started
