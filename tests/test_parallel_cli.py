@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_bad_input_is_refused_before_torchrun_starts(monkeypatch, capsys, tmp_pa
     def no_launch(*args, **kwargs):
         raise AssertionError("torchrun was started")
 
-    monkeypatch.setattr(parallel_cli.subprocess, "run", no_launch)
+    monkeypatch.setattr(parallel_cli, "subprocess", types.SimpleNamespace(run=no_launch))
     code = main(["train", "--preset", "micro", "--nproc", "2", "--out", str(tmp_path / "run"),
                  *argv])
     err = capsys.readouterr().err
