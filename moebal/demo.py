@@ -71,7 +71,7 @@ def run_stream(
         out = router(logits_TE, seq_len=seq_len)
         router.step()
         seconds += time.perf_counter() - start
-        tracker.record(out.loads_E.unsqueeze(0))
+        tracker.record(out.loads_E.unsqueeze(0), routed_slots=out.routed_slots)
     vio = tracker.max_vio_batch
     return {
         "balancer": balancer,

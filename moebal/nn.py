@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moebal.metrics import max_violation
-from moebal.routing import Router, RouterConfig, Routing
+from moebal.routing import Router, RouterConfig, Routing, RoutingLog
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -44,6 +43,11 @@ class GateOutput(Routing):
     """
 
     logits_TE: torch.Tensor
+
+    def max_vio(self) -> float:
+        """MaxVio of these loads against the ideal ``T*K/E`` (``moebal.metrics``)."""
+        E = self.loads_E.numel()
+        return max_violation(self.loads_E, ideal=self.routed_slots / E if E else None)
 
 
 class MoEGate(nn.Module):
@@ -62,9 +66,12 @@ class MoEGate(nn.Module):
     group                             data-parallel process group whose loads the balancer
                                       all-reduces (None: this process only).
 
-    ``forward(x, seq_len=None)`` takes ``x`` of shape [T, D] or [B, S, D] (then
+    ``forward(x, seq_len=None, log=None)`` takes ``x`` of shape [T, D] or [B, S, D] (then
     ``seq_len=S``, as the sequence-wise aux loss needs) and returns a :class:`GateOutput`
-    over the T (= B*S) tokens. Call ``step()`` once per optimizer step.
+    over the T (= B*S) tokens. Call ``step()`` once per optimizer step. Pass one
+    :class:`~moebal.routing.RoutingLog` to every gate of a model forward and call its
+    ``commit()`` at the end to make the balancer updates all or nothing; without one each
+    gate applies its own update before returning.
     """
 
     def __init__(
@@ -90,7 +97,7 @@ class MoEGate(nn.Module):
                 f"topk_scaling_factor must be None or a positive number, got {topk_scaling_factor!r}"
             )
         try:
-            config = RouterConfig(
+            config = RouterConfig.from_options(
                 num_experts=num_experts, top_k=top_k, balancer=balancer, **router_options
             )
         except TypeError as exc:  # unknown option name
@@ -132,7 +139,9 @@ class MoEGate(nn.Module):
         scale = "" if self.topk_scaling_factor is None else f", scale={self.topk_scaling_factor}"
         return f"hidden_size={self.hidden_size}, bias={self.bias is not None}{scale}"
 
-    def forward(self, x: torch.Tensor, seq_len: Optional[int] = None) -> GateOutput:
+    def forward(
+        self, x: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
+    ) -> GateOutput:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"MoEGate takes a tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
@@ -145,8 +154,8 @@ class MoEGate(nn.Module):
                 raise ValueError(f"seq_len={seq_len!r} but the input has sequences of {x.shape[1]}")
             seq_len = x.shape[1]
         x_TD = x.reshape(-1, self.hidden_size)
-        logits_TE = F.linear(x_TD, self.weight, self.bias)
-        routing = self.router(logits_TE, seq_len=seq_len)
+        logits_TE, routing = self.router.route(x_TD, self.weight, self.bias, seq_len=seq_len,
+                                               log=log, float32=False)
         self.last_loads_E = routing.loads_E.detach()
         weights_TK = routing.weights_TK
         if self.topk_scaling_factor is not None:
@@ -162,7 +171,11 @@ class MoEGate(nn.Module):
         )
 
     def max_vio(self) -> float:
-        """MaxVio of the loads of the last forward (nan before the first)."""
+        """MaxVio of the loads of the last forward (nan before the first).
+
+        Kept for existing code; prefer ``out.max_vio()`` on the forward's result, which
+        also counts slots dropped by capacity.
+        """
         if self.last_loads_E is None:
             return float("nan")
         return max_violation(self.last_loads_E)

@@ -26,8 +26,9 @@ def worker(rank, world, init_file, out_dir):
         group = dist.group.WORLD
         result = {}
         for name in ("loss_free", "quantile", "global_aux_loss"):
-            router = Router(RouterConfig(num_experts=E, top_k=K, balancer=name,
-                                         aux_loss_coeff=1.0), group=group)
+            options = {"aux_loss_coeff": 1.0} if name == "global_aux_loss" else {}
+            router = Router(RouterConfig(num_experts=E, top_k=K, balancer=name, **options),
+                            group=group)
             router.step()  # explicit steps
             outs = [router(b) for b in batches(rank)]
             result[name + "_aux"] = outs[-1].aux_loss.detach()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moebal.model import GroupedExperts, MoELayer, MoEModel, ModelConfig, SwiGLU
 from moebal.model.experts import grouped_matmul, grouped_mm_works, padded_bmm
-from moebal.routing import Routing
+from moebal.routing import Routing, RoutingLog
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -114,8 +114,9 @@ def test_shared_experts_and_dense_layers():
     assert layers[0].shared.w1.out_features == 2 * config.expert_hidden
     x_TD = torch.randn(10, config.d_model)
     layer = layers[0]
-    y = layer(x_TD)
-    expected = layer.experts(x_TD, layer.last_routing) + layer.shared(x_TD)
+    log = RoutingLog()
+    y = layer(x_TD, log=log)
+    expected = layer.experts(x_TD, log.routings[0]) + layer.shared(x_TD)
     torch.testing.assert_close(y, expected)
 
     all_dense = MoEModel(small_config(n_layers=2, dense_layers=2, dense_hidden=24))
@@ -135,15 +136,8 @@ def test_num_params_active_counts_top_k_experts():
 
 def test_router_timing_flag_accumulates_seconds():
     model = MoEModel(small_config())
-    layer = model.moe_layers()[0]
-    model(torch.randint(0, 97, (2, 8)))
-    assert layer.router_seconds == 0.0
-    MoELayer.timing = True
-    try:
-        model(torch.randint(0, 97, (2, 8)))
-    finally:
-        MoELayer.timing = False
-    assert layer.router_seconds > 0.0
+    assert model(torch.randint(0, 97, (2, 8))).router_seconds == 0.0
+    assert model(torch.randint(0, 97, (2, 8)), time_routers=True).router_seconds > 0.0
 
 
 def test_sequence_aux_loss_sees_whole_sequences():

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from moebal.model import MoELayer, ModelConfig, SwiGLU
-from moebal.routing import BALANCERS
+from moebal.routing import BALANCERS, RoutingLog
 
 
 @dataclass
@@ -128,9 +128,11 @@ def bench_case(case: Case, repeats: int, warmup: int, device: torch.device,
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def run_moe() -> None:
+        log = RoutingLog()
         with autocast:
-            y_TD = moe(x_TD, seq_len=c.seq_len)
-            loss = moe.last_routing.loss
+            y_TD = moe(x_TD, seq_len=c.seq_len, log=log)
+            loss = log.routings[0].loss
+        log.commit()
         outputs, grads = [y_TD], [g_TD.to(y_TD.dtype)]
         if loss.requires_grad:
             outputs.append(loss)

@@ -44,7 +44,7 @@ import operator
 import os
 import types
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moebal.metrics import max_violation_per_layer
-from moebal.routing import Router, RouterConfig, Routing
+from moebal.routing import Router, RouterConfig, Routing, router_option_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -534,8 +534,7 @@ def _verify_gate(name: str, class_name: str, gate: nn.Module, spec: GateSpec,
     if not (isinstance(ref, tuple) and len(ref) == 3 and all(isinstance(t, torch.Tensor) for t in ref)):
         raise ValueError(f"{where} does not return (logits, weights, indices) in this "
                          f"transformers version; not patched")
-    probe_cfg = RouterConfig(**{**config.__dict__, "balancer": "none", "capacity_factor": None,
-                                "extra": dict(config.extra)})
+    probe_cfg = replace(config, balancer="none", balancer_name=None, capacity_factor=None)
     probe = GateAdapter(name, class_name, spec, probe_cfg).to(weight_ED.device).eval()
     logits_TE, weights_TK, indices_TK = probe(gate, x_TD)
     ref_logits, ref_weights, ref_indices = ref
@@ -574,7 +573,7 @@ def _init_expert_bias(name: str, class_name: str, adapter: GateAdapter,
         raise ValueError(
             f"{name} ({class_name}): model_bias='init' needs a balancer with an expert bias "
             f"of {tuple(model_bias_E.shape)} (balancer='loss_free'), not "
-            f"{adapter.router.config.balancer!r}"
+            f"{adapter.router.config.balancer_name!r}"
         )
     with torch.no_grad():
         bias_E.copy_(model_bias_E.detach().to(bias_E.dtype).cpu())
@@ -629,7 +628,7 @@ def patch_model(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if model_bias not in MODEL_BIAS_POLICIES:
         raise ValueError(f"model_bias must be one of {MODEL_BIAS_POLICIES}, got {model_bias!r}")
-    known = {f.name for f in fields(RouterConfig)} - {"balancer"}
+    known = set(router_option_names())
     unknown = sorted(set(router_options) - known)
     if unknown:
         raise TypeError(f"unknown router options {unknown}; known: {sorted(known)}")

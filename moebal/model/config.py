@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from moebal.routing import RouterConfig
+from moebal.routing.validate import check_int, check_number
 
 # RouterConfig fields the model sets itself; router_options may not repeat them.
 _ROUTER_FIELDS_FROM_MODEL = ("num_experts", "top_k", "balancer")
@@ -29,8 +29,13 @@ class ModelConfig:
     dense_hidden        hidden size of those dense FFNs; None = top_k * expert_hidden,
                         the active size of a routed layer.
     balancer            any registered balancer name (``moebal.routing.BALANCERS``).
-    router_options      other ``RouterConfig`` keyword arguments (score_function,
-                        aux_loss_coeff, capacity_factor, ...).
+    router_options      the router's other options in flat form: router knobs
+                        (score_function, capacity_factor, ...) and balancer options under
+                        their flat names (aux_loss_coeff, bip_iters, ...; see
+                        ``moebal.routing.router_option_names()``). Each is validated; those
+                        the chosen balancer does not read are left out, so one set can be
+                        shared by several balancers (``moebal compare``). The typed config
+                        the routers are built from is ``router_config()``.
     init_std            std of the normal initialisation; residual output projections use
                         init_std / sqrt(2 * n_layers) (GPT-2).
     """
@@ -57,13 +62,9 @@ class ModelConfig:
         positive = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "num_experts",
                     "top_k", "expert_hidden")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("num_shared_experts", "dense_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            check_int(name, getattr(self, name), minimum=0)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
@@ -77,14 +78,9 @@ class ModelConfig:
             raise ValueError(
                 f"dense_layers={self.dense_layers} exceeds n_layers={self.n_layers}"
             )
-        if self.dense_hidden is not None and (
-            not isinstance(self.dense_hidden, int) or self.dense_hidden < 1
-        ):
-            raise ValueError(f"dense_hidden must be None or a positive int, got "
-                             f"{self.dense_hidden!r}")
-        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std)
-                and self.init_std > 0):
-            raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
+        if self.dense_hidden is not None:
+            check_int("dense_hidden (None: top_k * expert_hidden)", self.dense_hidden, minimum=1)
+        check_number("init_std", self.init_std, low=0.0, low_open=True)
         if not isinstance(self.router_options, dict):
             raise TypeError(
                 f"router_options must be a dict, got {type(self.router_options).__name__}"
@@ -108,18 +104,16 @@ class ModelConfig:
 
     def router_config(self) -> RouterConfig:
         """The RouterConfig every MoE layer's router is built from."""
-        known = {f.name for f in dataclasses.fields(RouterConfig)}
-        unknown = sorted(set(self.router_options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown router option(s) {unknown}; known: {sorted(known - set(_ROUTER_FIELDS_FROM_MODEL))}"
+        try:
+            return RouterConfig.from_options(
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                balancer=self.balancer,
+                strict=False,
+                **copy.deepcopy(self.router_options),
             )
-        return RouterConfig(
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            balancer=self.balancer,
-            **copy.deepcopy(self.router_options),
-        )
+        except TypeError as exc:  # an unknown option name
+            raise ValueError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; ``ModelConfig.from_dict(c.to_dict()) == c``."""

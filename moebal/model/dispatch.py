@@ -51,13 +51,13 @@ def sort_slots(indices_TK: torch.Tensor, kept_TK: torch.Tensor, num_experts: int
     ``kept_TK`` (bool [T, K]) marks the slots capacity kept; all of them when dropless.
     """
     K = indices_TK.shape[1]
-    expert_S = indices_TK.reshape(-1)  # all T*K slots, token-major
+    expert_TK = indices_TK.reshape(-1)  # the T*K slots flattened, token-major
     if bool(kept_TK.all()):  # dropless
-        slot_N = torch.argsort(expert_S, stable=True)
+        slot_N = torch.argsort(expert_TK, stable=True)
     else:  # capacity dropped some slots: sort only the kept ones
         kept_N = torch.nonzero(kept_TK.reshape(-1)).squeeze(1)
-        slot_N = kept_N[torch.argsort(expert_S[kept_N], stable=True)]
-    counts_E = torch.bincount(expert_S[slot_N], minlength=num_experts)
+        slot_N = kept_N[torch.argsort(expert_TK[kept_N], stable=True)]
+    counts_E = torch.bincount(expert_TK[slot_N], minlength=num_experts)
     token_N = torch.div(slot_N, K, rounding_mode="floor")
     return SortedSlots(slot_N, token_N, counts_E)
 

@@ -6,13 +6,15 @@ Block:  x = x + Attention(RMSNorm(x));  x = x + FFN(RMSNorm(x))
         Attention: rotary positions, causal scaled_dot_product_attention.
         FFN: a dense SwiGLU in the first ``dense_layers`` blocks, else an MoELayer:
              gate Linear(D->E) -> moebal Router -> GroupedExperts (+ shared experts).
+
+Each forward hands one RoutingLog down the blocks: every MoE layer adds its Routing, and
+the balancer updates they stage are committed once the whole forward has succeeded.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 
 from moebal.model.config import ModelConfig
 from moebal.model.experts import GroupedExperts
-from moebal.routing import Router, Routing
+from moebal.routing import Router, Routing, RoutingLog
 
 
 class RMSNorm(nn.Module):
@@ -82,13 +84,11 @@ class SwiGLU(nn.Module):
 class MoELayer(nn.Module):
     """Gate, router, routed experts and optional shared experts on a flat ``[T, D]`` batch.
 
-    ``forward(x_TD, seq_len=None) = experts(x_TD, router(gate(x_TD), seq_len)) (+ shared)``.
-    The gate runs in float32. The routing of the last forward is kept in ``last_routing``.
-    With the class flag ``MoELayer.timing = True`` the wall time of gate + router is added
-    to ``router_seconds`` (the caller resets it, and synchronises on CUDA).
+    ``forward(x_TD, seq_len=None, log=None) = experts(x_TD, routing) (+ shared(x_TD))`` with
+    ``routing = router.route(x_TD, gate.weight, ...)`` (the gate in float32). The routing is
+    appended to ``log`` (a :class:`~moebal.routing.RoutingLog`), whose ``commit()`` applies
+    the balancer update; without a log the router applies it before returning.
     """
-
-    timing: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -99,21 +99,16 @@ class MoELayer(nn.Module):
         self.shared: Optional[SwiGLU] = (
             SwiGLU(D, config.num_shared_experts * Fh) if config.num_shared_experts else None
         )
-        self.last_routing: Optional[Routing] = None
-        self.router_seconds = 0.0
 
-    def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> Routing:
-        start = time.perf_counter() if self.timing else 0.0
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        routing = self.router(logits_TE, seq_len)
-        if self.timing:
-            self.router_seconds += time.perf_counter() - start
-        return routing
+    def route(
+        self, x_TD: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
+    ) -> Routing:
+        return self.router.route(x_TD, self.gate.weight, seq_len=seq_len, log=log)[1]
 
-    def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> torch.Tensor:
-        routing = self.route(x_TD, seq_len)
-        self.last_routing = routing
+    def forward(
+        self, x_TD: torch.Tensor, seq_len: Optional[int] = None, log: Optional[RoutingLog] = None
+    ) -> torch.Tensor:
+        routing = self.route(x_TD, seq_len, log)
         y_TD = self.experts(x_TD, routing)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -130,25 +125,40 @@ class Block(nn.Module):
             MoELayer(config) if moe else SwiGLU(config.d_model, config.ffn_dense_hidden)
         )
 
-    def forward(self, x_BSD: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, rotary: torch.Tensor, log: Optional[RoutingLog] = None
+    ) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rotary)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             B, S, D = h_BSD.shape
-            return x_BSD + self.ffn(h_BSD.reshape(B * S, D), seq_len=S).view(B, S, D)
+            return x_BSD + self.ffn(h_BSD.reshape(B * S, D), seq_len=S, log=log).view(B, S, D)
         return x_BSD + self.ffn(h_BSD)
 
 
 @dataclass
 class ModelOutput:
-    """logits [B, S, V]; loss = lm_loss + router_loss when targets were given;
-    router_loss sums each MoE layer's routing.loss; loads_LE int64 [MoE layers, E]."""
+    """What one forward computed.
+
+    logits          [B, S, V].
+    loss            lm_loss + router_loss when targets were given, else None.
+    router_loss     the sum of each MoE layer's ``routing.loss``.
+    loads_LE        int64 [L, E]: token-slots each expert of each MoE layer computed.
+    dropped_L       int64 [L]: token-slots capacity dropped per MoE layer (0 dropless).
+    routed_slots    T*K, the token-slots each MoE layer routed (kept or dropped).
+    routings        the :class:`Routing` of each MoE layer, in model order.
+    router_seconds  wall time of the layers' gates and routers (``time_routers=True``).
+    """
 
     logits: torch.Tensor
     loss: Optional[torch.Tensor]
     lm_loss: Optional[torch.Tensor]
     router_loss: torch.Tensor
     loads_LE: torch.Tensor
+    dropped_L: Optional[torch.Tensor] = None
+    routed_slots: int = 0
+    routings: list[Routing] = field(default_factory=list)
+    router_seconds: float = 0.0
 
 
 class MoEModel(nn.Module):
@@ -165,6 +175,7 @@ class MoEModel(nn.Module):
         self.norm = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
+        self.time_routers = False  # forward's default for time_routers
         head_dim = config.d_model // config.n_heads
         self.register_buffer("rotary", rotary_table(config.seq_len, head_dim), persistent=False)
         self.reset_parameters()
@@ -200,6 +211,12 @@ class MoEModel(nn.Module):
         for router in self.routers():
             router.step()
 
+    def set_auto_step(self, auto_step: bool) -> None:
+        """``router.auto_step`` for every router: False when the training loop calls
+        ``step_routers()`` once per optimizer step (see :class:`~moebal.routing.Router`)."""
+        for router in self.routers():
+            router.auto_step = bool(auto_step)
+
     def num_params(self, active: bool = False) -> int:
         """Parameters (the tied embedding counted once); ``active=True`` counts only the
         top_k routed experts a token uses in each MoE layer."""
@@ -220,8 +237,18 @@ class MoEModel(nn.Module):
             )
 
     def forward(
-        self, tokens_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None
+        self, tokens_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
+        *, time_routers: Optional[bool] = None,
     ) -> ModelOutput:
+        """Logits (and losses, with targets) of ``tokens_BS``; see :class:`ModelOutput`.
+
+        The balancers' updates of this forward are applied at its end, all or none: a
+        forward that raises (e.g. :class:`~moebal.routing.NonFiniteLogits`) changes none.
+        ``time_routers``: measure the gates and routers into ``router_seconds`` (None: the
+        model's ``time_routers`` attribute, False unless set).
+        """
+        if time_routers is None:
+            time_routers = self.time_routers
         self._check_tokens("tokens", tokens_BS)
         B, S = tokens_BS.shape
         if not 1 <= S <= self.config.seq_len:
@@ -235,23 +262,30 @@ class MoEModel(nn.Module):
                     f"targets shape {tuple(targets_BS.shape)} != tokens shape {(B, S)}"
                 )
 
+        # every MoE layer adds its routing to the log; their balancer updates wait there
+        # and are committed only once the whole forward has succeeded
+        log = RoutingLog(timed=time_routers)
         x_BSD = self.embed(tokens_BS)
         for block in self.blocks:
-            x_BSD = block(x_BSD, self.rotary)
+            x_BSD = block(x_BSD, self.rotary, log)
         logits_BSV = self.lm_head(self.norm(x_BSD))
 
-        layers = self.moe_layers()
-        if layers:
-            router_loss = sum(layer.last_routing.loss for layer in layers)
-            loads_LE = torch.stack([layer.last_routing.loads_E for layer in layers])
+        routings = log.routings
+        if routings:
+            router_loss = sum(r.loss for r in routings)
+            loads_LE = torch.stack([r.loads_E for r in routings])
         else:
             router_loss = logits_BSV.new_zeros((), dtype=torch.float32)
             loads_LE = torch.zeros(0, self.config.num_experts, dtype=torch.int64,
                                    device=tokens_BS.device)
+        routed_slots = B * S * self.config.top_k
         lm_loss = loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(
                 logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1), ignore_index=-1
             )
             loss = lm_loss + router_loss
-        return ModelOutput(logits_BSV, loss, lm_loss, router_loss, loads_LE)
+        log.commit()
+        return ModelOutput(logits_BSV, loss, lm_loss, router_loss, loads_LE,
+                           dropped_L=routed_slots - loads_LE.sum(dim=1), routed_slots=routed_slots,
+                           routings=routings, router_seconds=log.router_seconds)

@@ -37,8 +37,9 @@ DEFAULT_BALANCERS = ("none", "aux_loss", "seq_aux_loss", "loss_free", "bip", "qu
 DEFAULT_PRESET = "tiny"
 DEFAULT_OUT = "runs/compare"
 
-# The coefficients each balancer is compared with (RouterConfig field names); the other
-# options in RELEVANT_OPTIONS keep RouterConfig's defaults and are recorded too.
+# The coefficients each balancer is compared with (flat option names); the other options
+# the balancer reads keep its config's defaults (moebal.routing.balancer_defaults) and are
+# recorded too.
 #  aux_loss      alpha = 1e-2: Switch Transformer's value and Megatron-core's usual setting.
 #  seq_aux_loss  alpha = 1e-2 as well, so that it differs from aux_loss only in scope (f and
 #                P per sequence instead of per batch). DeepSeek-V3's 1e-4 is the strength of
@@ -55,18 +56,6 @@ BALANCER_DEFAULTS: dict[str, dict[str, Any]] = {
     "loss_free": {"bias_update_rate": 1e-3, "bias_update": "sign"},
     "bip": {"bip_iters": 4, "bip_order": "paper"},
     "quantile": {"quantile_ema": 0.0},
-}
-# The RouterConfig options that each balancer reads (what the report prints for it).
-RELEVANT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "aux_loss": ("aux_loss_coeff",),
-    "seq_aux_loss": ("aux_loss_coeff",),
-    "global_aux_loss": ("aux_loss_coeff",),
-    "loss_free": ("bias_update_rate", "bias_update"),
-    "bip": ("bip_iters", "bip_order", "bip_pin_q"),
-    "quantile": ("quantile_ema",),
-    "sinkhorn": ("sinkhorn_iters", "sinkhorn_tol"),
-    "optimal": (),
 }
 
 # CPU threads per training run unless --set threads=N says otherwise. On the shared 2-core
@@ -107,18 +96,16 @@ def parse_balancer_options(items: Iterable[str], balancers: Sequence[str],
 
     Precedence: ``METHOD.OPTION=VALUE`` strings (``items``), then the options every run
     shares (``router_options``, from the preset and ``--set router.X=...``), then
-    :data:`BALANCER_DEFAULTS`, then RouterConfig's defaults of :data:`RELEVANT_OPTIONS`.
+    :data:`BALANCER_DEFAULTS`, then the defaults of the options the balancer reads (its
+    typed config's, ``moebal.routing.balancer_defaults``).
     """
-    from moebal.routing import RouterConfig
+    from moebal.routing import balancer_defaults, router_option_names
     from moebal.train.presets import _parse_value
 
-    fields = {f.name: f for f in dataclasses.fields(RouterConfig)}
-    known = set(fields) - {"num_experts", "top_k", "balancer", "extra"}
+    known = set(router_option_names()) - {"num_experts", "top_k"}
     options = {}
     for m in balancers:
-        base = {name: fields[name].default for name in RELEVANT_OPTIONS.get(m, ())
-                if name in fields and fields[name].default is not dataclasses.MISSING}
-        options[m] = {**base, **BALANCER_DEFAULTS.get(m, {})}
+        options[m] = {**balancer_defaults(m), **BALANCER_DEFAULTS.get(m, {})}
         for name in options[m]:
             if router_options and name in router_options:
                 options[m][name] = router_options[name]

@@ -43,6 +43,7 @@ from moebal.data import BatchSampler, Corpus, DataConfig, eval_windows, load_cor
 from moebal.data.batches import windows_to_batch
 from moebal.metrics import BalanceTracker
 from moebal.model import MoELayer, MoEModel, ModelConfig
+from moebal.routing import NonFiniteLogits
 from moebal.train.config import RESUME_FREE_FIELDS, TrainConfig
 from moebal.train.trace import RoutingTrace, TraceRecorder, load_trace, save_trace
 
@@ -156,6 +157,12 @@ class StepStats:
     max_vio_layers: list[float]
     loads_LE: np.ndarray
     finite: bool = True
+    dropped_frac_layers: list[float] = field(default_factory=list)
+
+    @property
+    def dropped_frac(self) -> float:
+        """Share of the step's token-slots capacity dropped, averaged over MoE layers."""
+        return float(np.mean(self.dropped_frac_layers)) if self.dropped_frac_layers else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -179,6 +186,8 @@ class StepStats:
             "router_time_share": self.router_time_share,
             "max_vio_batch": self.max_vio_batch,
             "max_vio_batch_layers": self.max_vio_layers,
+            "dropped_frac": self.dropped_frac,
+            "dropped_frac_layers": self.dropped_frac_layers,
             "loads": self.loads_LE.tolist(),
             "tokens": total_tokens,
             "elapsed": elapsed,
@@ -215,6 +224,7 @@ class TrainResult:
     seed: int
     preset: str = ""
     diverged_step: Optional[int] = None
+    dropped_frac: float = float("nan")
     out_dir: Optional[str] = None
     model_config: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -288,11 +298,9 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.model = model if model is not None else MoEModel(model_cfg)
         self.model.to(self.device)
-        # Routers step only when told (once per optimizer step), from the very first batch:
-        # Router.step() in eval mode sets that mode without updating any balancer state.
-        self.model.eval()
-        self.model.step_routers()
-        self.model.train()
+        # Routers step only when told (once per optimizer step), from the very first batch.
+        self.model.set_auto_step(False)
+        self.model.time_routers = train_cfg.router_timing
 
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -375,8 +383,7 @@ class Trainer:
         cfg = self.train_cfg
         model = self.model
         model.train()
-        for layer in self.moe_layers:
-            layer.router_seconds = 0.0
+        router_seconds = 0.0
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -390,20 +397,17 @@ class Trainer:
             try:
                 with self.autocast():
                     out = model(x_BS, y_BS)
-            except ValueError as exc:  # the router refuses NaN/inf logits: diverged
-                if "NaN" not in str(exc) and "inf" not in str(exc):
-                    raise
+            except NonFiniteLogits:  # the router refuses NaN/inf logits: diverged
                 totals.fill_(float("nan"))
                 break
             (out.loss / cfg.grad_accum).backward()
             totals += torch.stack([out.loss.detach(), out.lm_loss.detach(),
                                    out.router_loss.detach().float()])
+            router_seconds += out.router_seconds
             if L:
                 loads_LE += out.loads_LE
             if self.tracer is not None:
-                self.tracer.add_micro_batch(
-                    [layer.last_routing for layer in self.moe_layers], m * cfg.batch_size
-                )
+                self.tracer.add_micro_batch(out.routings, m * cfg.batch_size)
         loss, lm_loss, aux_loss = (self.reduce_losses(totals) / cfg.grad_accum).tolist()
         lr = self.lr
         step = self.step + 1
@@ -420,13 +424,14 @@ class Trainer:
             self.step = step
         self._sync()
         seconds = time.perf_counter() - start
-        router_seconds = sum(layer.router_seconds for layer in self.moe_layers)
         loads_np = self.reduce_loads(loads_LE).cpu().numpy()
         if self.tracker is not None and finite:
-            max_vio = self.tracker.record(loads_np, step=step)
+            routed_slots = cfg.global_batch * self.model_cfg.seq_len * self.model_cfg.top_k
+            max_vio = self.tracker.record(loads_np, step=step, routed_slots=routed_slots)
             vio_layers = self.tracker.per_layer[-1].tolist()
+            dropped_layers = self.tracker.dropped[-1].tolist()
         else:
-            max_vio, vio_layers = float("nan"), []
+            max_vio, vio_layers, dropped_layers = float("nan"), [], []
         tokens = cfg.global_batch * self.model_cfg.seq_len
         if self.tracer is not None:
             if finite:
@@ -439,7 +444,7 @@ class Trainer:
             self.train_seconds += seconds
             self.router_seconds += router_seconds
         stats = StepStats(step, loss, lm_loss, aux_loss, lr, grad_norm, tokens, seconds,
-                          router_seconds, max_vio, vio_layers, loads_np, finite)
+                          router_seconds, max_vio, vio_layers, loads_np, finite, dropped_layers)
         self.last_stats = stats
         return stats
 
@@ -465,7 +470,8 @@ class Trainer:
                 loss_sum += float(out.lm_loss) * y_BS.numel()
                 count += y_BS.numel()
                 if self.tracker is not None:
-                    self.tracker.accumulate_global(self.reduce_loads(out.loads_LE).cpu().numpy())
+                    self.tracker.accumulate_global(self.reduce_loads(out.loads_LE).cpu().numpy(),
+                                                   out.routed_slots)
         finally:
             self.model.train()
         val_loss = loss_sum / count
@@ -567,10 +573,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        # routers keep stepping explicitly (see __init__)
-        self.model.eval()
-        self.model.step_routers()
-        self.model.train()
+        self.model.set_auto_step(False)  # routers keep stepping explicitly (see __init__)
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> Path:
         path = Path(path)
@@ -604,28 +607,17 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     @contextlib.contextmanager
     def _run_context(self):
-        """Deterministic algorithms on CPU, thread count and router timing, restored afterwards."""
+        """Deterministic algorithms on CPU and the thread count, restored afterwards."""
         was_det = torch.are_deterministic_algorithms_enabled()
         was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-        was_timing = MoELayer.timing
         was_threads = torch.get_num_threads()
-        hooks = []
         try:
             if self.train_cfg.threads:
                 torch.set_num_threads(self.train_cfg.threads)
             if self.train_cfg.deterministic and self.device.type == "cpu":
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            MoELayer.timing = self.train_cfg.router_timing
-            if self.train_cfg.router_timing and self.device.type == "cuda":
-                sync = lambda *a: torch.cuda.synchronize(self.device)  # noqa: E731
-                for layer in self.moe_layers:  # time the router's kernels, not their launch
-                    hooks.append(layer.register_forward_pre_hook(sync))
-                    hooks.append(layer.router.register_forward_hook(sync))
             yield
         finally:
-            for h in hooks:
-                h.remove()
-            MoELayer.timing = was_timing
             torch.set_num_threads(was_threads)
             torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 
@@ -722,6 +714,7 @@ class Trainer:
             seed=self.train_cfg.seed,
             preset=self.preset,
             diverged_step=self.diverged_step,
+            dropped_frac=self.tracker.dropped_frac if self.tracker is not None else nan,
             out_dir=str(self.out_dir) if self.out_dir is not None else None,
             model_config=self.model_cfg.to_dict(),
             train_config=self.train_cfg.to_dict(),

@@ -3,6 +3,7 @@
 from moebal.routing.balancers.base import (
     BALANCERS,
     Balancer,
+    BalancerConfig,
     NoBalancer,
     RoutingContext,
     register_balancer,
@@ -20,4 +21,11 @@ from moebal.routing.balancers import (  # noqa: E402,F401  (isort: skip)
     optimal,
 )
 
-__all__ = ["BALANCERS", "Balancer", "NoBalancer", "RoutingContext", "register_balancer"]
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "BalancerConfig",
+    "NoBalancer",
+    "RoutingContext",
+    "register_balancer",
+]

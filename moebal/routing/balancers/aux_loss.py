@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Union
+from dataclasses import dataclass
+from typing import ClassVar, Union
 
 import torch
 
-from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.balancers.base import (
+    Balancer,
+    BalancerConfig,
+    RoutingContext,
+    register_balancer,
+)
+from moebal.routing.validate import check_number
 
 
 def switch_aux_loss(
@@ -36,8 +43,18 @@ class AuxLoss(Balancer):
     """Plain top-k choice; the loss ``alpha * E * sum_j f_j P_j`` pushes scores to balance.
 
     ``f_j = #tokens choosing j / (K T)`` (before capacity drops), ``P_j = mean_i s_ij`` over
-    the batch; alpha = ``config.aux_loss_coeff``. Equals alpha when perfectly balanced.
+    the batch; alpha = ``options.coeff``. Equals alpha when perfectly balanced.
     """
+
+    @dataclass(kw_only=True)
+    class Config(BalancerConfig):
+        """coeff: alpha of the loss (flat name ``aux_loss_coeff``)."""
+
+        coeff: float = 1e-2
+        flat_names: ClassVar[dict[str, str]] = {"coeff": "aux_loss_coeff"}
+
+        def validate(self) -> None:
+            check_number("aux_loss_coeff", self.coeff, low=0.0)
 
     def loss(
         self, scores_TE: torch.Tensor, indices_TK: torch.Tensor, ctx: RoutingContext
@@ -46,4 +63,4 @@ class AuxLoss(Balancer):
         if counts_E is None:
             counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
         T, K = scores_TE.shape[0], indices_TK.shape[1]
-        return switch_aux_loss(scores_TE, counts_E, T, K, self.config.aux_loss_coeff)
+        return switch_aux_loss(scores_TE, counts_E, T, K, self.options.coeff)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
-from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.balancers.base import (
+    Balancer,
+    BalancerConfig,
+    RoutingContext,
+    register_balancer,
+)
 from moebal.routing.kernels import Workspace, kth_largest, topk_indices
+from moebal.routing.validate import check_bool, check_choice, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 def bip_dual_iterations(
@@ -87,24 +94,51 @@ class BIPBalancer(Balancer):
     """Route token i to the top-k of ``s_ij - q_j``, q the expert prices of the batch's BIP.
 
     q persists across batches (one vector per router). In training mode each batch runs
-    ``config.bip_iters`` dual iterations (:func:`bip_dual_iterations`) starting from the
+    ``options.iters`` dual iterations (:func:`bip_dual_iterations`) starting from the
     stored q:
 
-    - ``bip_order="paper"``: update q on the batch, then route the batch with the new q.
+    - ``order="paper"``: update q on the batch, then route the batch with the new q.
       A token's route then depends on the other tokens of its batch, later ones included.
-    - ``bip_order="causal"``: route the batch with the q left by earlier batches, then
+    - ``order="causal"``: route the batch with the q left by earlier batches, then
       update q from it. A token's route depends only on earlier batches.
 
     The first update (q never updated yet: at initialisation) runs
-    ``config.bip_warmup_iters`` iterations instead, so that the start from q = 0 does not
+    ``options.warmup_iters`` iterations instead, so that the start from q = 0 does not
     leave the first batches unbalanced; later batches start from the previous batch's q.
 
     In ``eval()`` q is not updated: every batch is routed with the stored q, in either
-    order. Gate weights are the unbiased scores (the router's rule). The update runs in
-    the forward pass, per batch; ``step()`` has nothing to do.
+    order. Gate weights are the unbiased scores (the router's rule). The update is computed
+    in the forward pass, per batch, and applied when the forward is committed; ``step()``
+    has nothing to do.
 
     State (buffers): ``q_E``, ``num_updates`` (batches that updated q).
     """
+
+    @dataclass(kw_only=True)
+    class Config(BalancerConfig):
+        """iters          T_iter: dual iterations per batch (flat ``bip_iters``).
+        warmup_iters   iterations of the first update, from q = 0 (``bip_warmup_iters``).
+        order          "paper" (update q on the batch, then route it) or "causal" (route
+                       with the previous q, then update it) (``bip_order``).
+        pin_q          after each q update subtract min_j q_j: keeps the dual on the
+                       representative with min q = 0 (the batch's routing is unchanged);
+                       False is the bare update, which drifts on long streams
+                       (``bip_pin_q``; docs/design.md, "Balancers").
+        """
+
+        iters: int = 2
+        warmup_iters: int = 32
+        order: str = "paper"
+        pin_q: bool = True
+        flat_names: ClassVar[dict[str, str]] = {
+            "iters": "bip_iters", "warmup_iters": "bip_warmup_iters", "order": "bip_order",
+            "pin_q": "bip_pin_q"}
+
+        def validate(self) -> None:
+            check_int("bip_iters", self.iters, minimum=1)
+            check_int("bip_warmup_iters", self.warmup_iters, minimum=1)
+            check_choice("bip_order", self.order, ("paper", "causal"))
+            check_bool("bip_pin_q", self.pin_q)
 
     def __init__(self, config: "RouterConfig") -> None:
         super().__init__(config)
@@ -117,24 +151,27 @@ class BIPBalancer(Balancer):
         self._ws = Workspace()
 
     def _iters(self) -> int:
-        """``bip_iters``, or ``bip_warmup_iters`` while q has never been updated."""
+        """``iters``, or ``warmup_iters`` while q has never been updated."""
         version = self.num_updates._version
         if self._updated is None or self._updated[0] != version:
             self._updated = (version, bool(self.num_updates > 0))
-        return self.config.bip_iters if self._updated[1] else self.config.bip_warmup_iters
+        return self.options.iters if self._updated[1] else self.options.warmup_iters
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
-        cfg = self.config
+        opts = self.options
         s_TE = scores_TE.detach()
         q_E = self.q_E.to(s_TE.dtype)
         if not self.training or top_k >= s_TE.shape[1]:
             y_TE = self._ws.get("y_TE", tuple(s_TE.shape), s_TE)
             return topk_indices(torch.sub(s_TE, q_E, out=y_TE), top_k)
         indices_TK, q_E = bip_route(
-            s_TE, q_E, top_k, self._iters(), cfg.bip_pin_q, cfg.bip_order, self._ws
+            s_TE, q_E, top_k, self._iters(), opts.pin_q, opts.order, self._ws
         )
-        with torch.no_grad():
-            self.q_E.copy_(q_E)
-            self.num_updates.add_(1)
-        self._updated = (self.num_updates._version, True)
+        ctx.updates["q_E"] = q_E
+        ctx.updates["num_updates"] = self.num_updates + 1
         return indices_TK
+
+    def commit(self, updates: dict[str, torch.Tensor]) -> None:
+        super().commit(updates)
+        if "num_updates" in updates:
+            self._updated = (self.num_updates._version, True)

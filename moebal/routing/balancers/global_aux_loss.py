@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from moebal.routing.balancers._dist import all_reduce_sum_
-from moebal.routing.balancers.aux_loss import switch_aux_loss
+from moebal.routing.balancers.collectives import all_reduce_sum_
+from moebal.routing.balancers.aux_loss import AuxLoss, switch_aux_loss
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 @register_balancer("global_aux_loss")
@@ -28,8 +29,13 @@ class GlobalAuxLoss(Balancer):
     count); here each rank's loss is on the same scale as ``aux_loss``.
 
     State: ``counts_sum_E`` (global counts summed over micro-batches), ``tokens_sum``
-    (global tokens over them) and ``micro_batches``, reset at ``step()``.
+    (global tokens over them) and ``micro_batches``, reset at ``step()``. alpha =
+    ``options.coeff`` (flat name ``aux_loss_coeff``).
     """
+
+    @dataclass(kw_only=True)
+    class Config(AuxLoss.Config):
+        """coeff: alpha of the loss (flat name ``aux_loss_coeff``)."""
 
     def __init__(self, config: "RouterConfig") -> None:
         super().__init__(config)
@@ -51,12 +57,13 @@ class GlobalAuxLoss(Balancer):
         all_reduce_sum_(packed, ctx.group)
         counts_E, tokens = packed[:E], packed[E]
         if self.training:
-            with torch.no_grad():
-                self.counts_sum_E.add_(counts_E)
-                self.tokens_sum.add_(tokens)
-                self.micro_batches.add_(1)
-            counts_E, tokens = self.counts_sum_E, self.tokens_sum
-        return switch_aux_loss(scores_TE, counts_E, tokens, K, self.config.aux_loss_coeff)
+            # the counts since the last step, this micro-batch included (applied at commit)
+            counts_E = self.counts_sum_E + counts_E
+            tokens = self.tokens_sum + tokens
+            ctx.updates["counts_sum_E"] = counts_E
+            ctx.updates["tokens_sum"] = tokens
+            ctx.updates["micro_batches"] = self.micro_batches + 1
+        return switch_aux_loss(scores_TE, counts_E, tokens, K, self.options.coeff)
 
     def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:
         self.counts_sum_E.zero_()

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
-from moebal.routing.balancers._dist import all_reduce_sum_
-from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.balancers.collectives import all_reduce_sum_
+from moebal.routing.balancers.base import (
+    Balancer,
+    BalancerConfig,
+    RoutingContext,
+    register_balancer,
+)
 from moebal.routing.kernels import Workspace, topk_indices
+from moebal.routing.validate import check_choice, check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 @register_balancer("loss_free")
@@ -24,15 +31,29 @@ class LossFree(Balancer):
     at ``step()`` they are summed over the data-parallel ``group`` when one is given and,
     with ``e_j = mean_j(load) - load_j``:
 
-    - ``bias_update="sign"`` (the paper's): ``b_j += u * sign(e_j)``;
-    - ``bias_update="proportional"``: ``b_j += u * e_j / mean_j(load)`` (the error relative
+    - ``update="sign"`` (the paper's): ``b_j += u * sign(e_j)``;
+    - ``update="proportional"``: ``b_j += u * e_j / mean_j(load)`` (the error relative
       to the mean load, so u means the same whatever the batch size).
 
-    u = ``config.bias_update_rate`` (1e-3, the paper's best). The bias only ever sees loads
+    u = ``options.rate`` (1e-3, the paper's best). The bias only ever sees loads
     of earlier batches: a batch's own loads never change its own routing.
 
     State (buffers): ``bias_E``, ``loads_sum_E`` (loads since the last step), ``num_updates``.
     """
+
+    @dataclass(kw_only=True)
+    class Config(BalancerConfig):
+        """rate: u (flat ``bias_update_rate``); update: "sign" or "proportional"
+        (flat ``bias_update``)."""
+
+        rate: float = 1e-3
+        update: str = "sign"
+        flat_names: ClassVar[dict[str, str]] = {"rate": "bias_update_rate",
+                                                "update": "bias_update"}
+
+        def validate(self) -> None:
+            check_number("bias_update_rate", self.rate, low=0.0)
+            check_choice("bias_update", self.update, ("sign", "proportional"))
 
     def __init__(self, config: "RouterConfig") -> None:
         super().__init__(config)
@@ -58,9 +79,9 @@ class LossFree(Balancer):
         loads_E = all_reduce_sum_(self.loads_sum_E, group)
         mean = loads_E.sum() * (1.0 / loads_E.numel())
         error_E = mean - loads_E
-        if self.config.bias_update == "sign":
-            self.bias_E.add_(error_E.sign_(), alpha=self.config.bias_update_rate)
+        if self.options.update == "sign":
+            self.bias_E.add_(error_E.sign_(), alpha=self.options.rate)
         else:
-            self.bias_E.add_(error_E.div_(mean.clamp_min(1.0)), alpha=self.config.bias_update_rate)
+            self.bias_E.add_(error_E.div_(mean.clamp_min(1.0)), alpha=self.options.rate)
         loads_E.zero_()
         self.num_updates.add_(1)

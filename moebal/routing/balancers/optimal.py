@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
-from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.balancers.base import (
+    Balancer,
+    BalancerConfig,
+    RoutingContext,
+    register_balancer,
+)
+from moebal.routing.validate import check_choice
 
 
 def balanced_capacities(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, int]:
@@ -245,15 +252,25 @@ def optimal_routing(scores_TE: torch.Tensor, top_k: int, warm_iters: int = 50) -
 class OptimalBalancer(Balancer):
     """Each batch routed by the exact balanced optimum (:func:`optimal_routing`).
 
-    ``config.optimal_solver``: "flow" (successive shortest paths, the default) or "highs"
-    (the LP by HiGHS's simplex, :func:`optimal_routing_lp`); both exact.
+    ``options.solver``: "flow" (successive shortest paths, the default) or "highs" (the LP
+    by HiGHS's simplex, :func:`optimal_routing_lp`); both exact.
 
     A reference, not a training method: it needs the whole batch, runs an LP on the CPU per
     batch, and loads are equal (up to the floor/ceil of ``T K / E``) by construction. Same
     in training and ``eval()``; no state, no loss.
     """
 
+    @dataclass(kw_only=True)
+    class Config(BalancerConfig):
+        """solver: "flow" or "highs" (flat ``optimal_solver``)."""
+
+        solver: str = "flow"
+        flat_names: ClassVar[dict[str, str]] = {"solver": "optimal_solver"}
+
+        def validate(self) -> None:
+            check_choice("optimal_solver", self.solver, ("flow", "highs"))
+
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
-        if self.config.optimal_solver == "highs":
+        if self.options.solver == "highs":
             return optimal_routing_lp(scores_TE, top_k)
         return optimal_routing(scores_TE, top_k)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
-from moebal.routing.balancers._dist import all_reduce_sum_
-from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.balancers.collectives import all_reduce_sum_
+from moebal.routing.balancers.base import (
+    Balancer,
+    BalancerConfig,
+    RoutingContext,
+    register_balancer,
+)
 from moebal.routing.kernels import Workspace, kth_largest, topk_indices
+from moebal.routing.validate import check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
 
-    from moebal.routing.router import RouterConfig
+    from moebal.routing.config import RouterConfig
 
 
 def quantile_dual_update(
@@ -49,11 +56,21 @@ class QuantileBalancer(Balancer):
     and adds its own estimate (:func:`quantile_dual_update`) to an accumulator; at
     ``step()`` the accumulated estimates are averaged (over micro-batches, then over the
     data-parallel ``group``), blended ``beta <- ema * beta + (1 - ema) * avg`` with
-    ``ema = config.quantile_ema`` (0 = take the new estimate), and centred (mean 0). No
+    ``ema = options.ema`` (0 = take the new estimate), and centred (mean 0). No
     ``max(0, .)`` clip on either price: experts below their share get a negative beta.
 
     State (buffers): ``beta_E``, ``beta_sum_E``, ``micro_batches``, ``num_updates``.
     """
+
+    @dataclass(kw_only=True)
+    class Config(BalancerConfig):
+        """ema: EMA weight of beta across steps, in [0, 1), 0 = off (flat ``quantile_ema``)."""
+
+        ema: float = 0.0
+        flat_names: ClassVar[dict[str, str]] = {"ema": "quantile_ema"}
+
+        def validate(self) -> None:
+            check_number("quantile_ema", self.ema, low=0.0, high=1.0, high_open=True)
 
     def __init__(self, config: "RouterConfig") -> None:
         super().__init__(config)
@@ -70,9 +87,8 @@ class QuantileBalancer(Balancer):
             y_TE = self._ws.get("y_TE", tuple(logits_TE.shape), logits_TE)
             return topk_indices(torch.sub(logits_TE, self.beta_E, out=y_TE), top_k)
         indices_TK, beta_local_E = quantile_dual_update(logits_TE, self.beta_E, top_k, self._ws)
-        with torch.no_grad():
-            self.beta_sum_E.add_(beta_local_E)
-            self.micro_batches.add_(1)
+        ctx.updates["beta_sum_E"] = self.beta_sum_E + beta_local_E
+        ctx.updates["micro_batches"] = self.micro_batches + 1
         return indices_TK
 
     def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:
@@ -82,7 +98,7 @@ class QuantileBalancer(Balancer):
         all_reduce_sum_(packed, group)
         ranks = packed[-1]
         avg_E = packed[:-1] / ranks.clamp_min(1.0)
-        ema = self.config.quantile_ema
+        ema = self.options.ema
         new_E = ema * self.beta_E + (1.0 - ema) * avg_E
         new_E = new_E - new_E.mean()
         # only move when some rank saw a micro-batch

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from moebal.routing.balancers.aux_loss import AuxLoss
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
 
 
@@ -19,8 +22,13 @@ class SeqAuxLoss(Balancer):
                                            P_bj = mean_{t in b} s'_tj
 
     where ``s'`` are the scores normalised to sum 1 over the experts (a no-op for softmax).
-    The loss is ``mean_b L_b``: alpha when every sequence is balanced.
+    The loss is ``mean_b L_b``: alpha when every sequence is balanced. alpha =
+    ``options.coeff`` (flat name ``aux_loss_coeff``).
     """
+
+    @dataclass(kw_only=True)
+    class Config(AuxLoss.Config):
+        """coeff: alpha of the loss (flat name ``aux_loss_coeff``)."""
 
     def loss(
         self, scores_TE: torch.Tensor, indices_TK: torch.Tensor, ctx: RoutingContext
@@ -39,4 +47,4 @@ class SeqAuxLoss(Balancer):
             flat = (seq_T.unsqueeze(1) * E + indices_TK).flatten()
             counts_BE = torch.bincount(flat, minlength=B * E).view(B, E)
         f_BE = counts_BE.to(probs_BE.dtype) * (E / (K * S))
-        return (f_BE * probs_BE).sum() * (self.config.aux_loss_coeff / B)
+        return (f_BE * probs_BE).sum() * (self.options.coeff / B)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
+from moebal.routing.balancers.base import (
+    Balancer,
+    BalancerConfig,
+    RoutingContext,
+    register_balancer,
+)
 from moebal.routing.kernels import topk_indices
+from moebal.routing.validate import check_int, check_number
 
 
 def sinkhorn(logits_TE: torch.Tensor, tol: float = 1e-4, max_iters: int = 1000) -> torch.Tensor:
@@ -37,15 +46,28 @@ class SinkhornBalancer(Balancer):
 
     As in Megatron-core: Sinkhorn runs on the logits (in float32) only to choose; gate
     weights are the unbiased scores; in ``eval()`` the choice is the plain top-k of the
-    scores. No state, no loss. Iterates to ``config.sinkhorn_tol`` (Megatron-core: 1e-4),
-    at most ``config.sinkhorn_iters`` times.
+    scores. No state, no loss. Iterates to ``options.tol`` (Megatron-core: 1e-4), at most
+    ``options.iters`` times.
     """
+
+    @dataclass(kw_only=True)
+    class Config(BalancerConfig):
+        """iters: cap on iterations per batch (flat ``sinkhorn_iters``); tol: stop when the
+        mean change of the expert scaling is below it (``sinkhorn_tol``)."""
+
+        iters: int = 1000
+        tol: float = 1e-4
+        flat_names: ClassVar[dict[str, str]] = {"iters": "sinkhorn_iters", "tol": "sinkhorn_tol"}
+
+        def validate(self) -> None:
+            check_int("sinkhorn_iters", self.iters, minimum=1)
+            check_number("sinkhorn_tol", self.tol, low=0.0, low_open=True)
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         if not self.training:
             return topk_indices(scores_TE, top_k)
         with torch.no_grad():
             balanced_TE = sinkhorn(
-                ctx.logits_TE.detach().float(), self.config.sinkhorn_tol, self.config.sinkhorn_iters
+                ctx.logits_TE.detach().float(), self.options.tol, self.options.iters
             )
         return topk_indices(balanced_TE, top_k)
