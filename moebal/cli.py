@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from moebal.train.cli import run_command
+
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("moebal.demo", "route a skewed stream with every balancer, print MaxVio"),
@@ -56,15 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except ValueError as exc:  # bad input: one clear line, no traceback
-        print(f"moebal: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moebal: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args._run, args, ["moebal", *argv])
 
 
 if __name__ == "__main__":

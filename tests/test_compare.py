@@ -60,7 +60,7 @@ def test_compare_two_balancers_end_to_end(tmp_path, text_file, capsys):
     assert [(r["method"], r["seed"], r["status"]) for r in results["runs"]] == [
         ("none", 0, "ok"), ("aux_loss", 0, "ok")]
     for run in results["runs"]:
-        assert run["steps"] == 6 and run["final_val_ppl"] > 1
+        assert run["steps"] == 6 and run["val_ppl"] > 1
         assert len(run["series"]["max_vio_batch"]) == 6
         assert run["series"]["eval_step"] == [3, 6]
         assert run["load_snapshots"][0]["step"] == 1
@@ -177,3 +177,61 @@ def test_a_diverging_method_is_marked_failed_and_the_others_go_on(tmp_path, text
     md = to_markdown(build_document(results, plots={}))
     assert "Aux loss, seed 0: stopped at step 4" in md
     assert "0 / 1" not in md and "| Aux loss | α=0.01 | 0/1 (failed: seed 0 at step 4)" in md
+
+
+def _numbers(row):
+    return {k: v for k, v in row.items()
+            if k not in ("train_seconds", "wall_seconds", "tokens_per_s", "router_time_share")}
+
+
+def test_a_run_with_a_damaged_checkpoint_or_an_error_is_trained_again(tmp_path, text_file,
+                                                                      monkeypatch):
+    import moebal.train as train_mod
+
+    out = tmp_path / "cmp"
+    first = run_comparison(_plan(text_file), out, keep_checkpoints=True, progress=False,
+                           report=False)
+    aux_dir = out / "runs" / "aux_loss" / "seed0"
+    (aux_dir / "run.json").unlink()  # interrupted before it was recorded ...
+    ckpt = aux_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # ... with a truncated checkpoint
+    again = run_comparison(_plan(text_file), out, resume=True, progress=False, report=False)
+    assert again["runs"][1]["status"] == "ok"  # not "failed" for good
+    assert _numbers(again["runs"][1]) == _numbers(first["runs"][1])  # the same run again
+
+    real_train = train_mod.train
+
+    def broken(model_cfg, *a, **kw):
+        if model_cfg.balancer == "aux_loss":
+            raise RuntimeError("out of memory")
+        return real_train(model_cfg, *a, **kw)
+
+    (aux_dir / "run.json").unlink()
+    monkeypatch.setattr(train_mod, "train", broken)
+    failed = run_comparison(_plan(text_file), out, resume=True, progress=False, report=False)
+    assert failed["runs"][1]["status"] == "failed"
+    assert failed["runs"][1]["failure"]["kind"] == "error"
+    monkeypatch.setattr(train_mod, "train", real_train)
+    retried = run_comparison(_plan(text_file), out, resume=True, progress=False, report=False)
+    assert retried["runs"][1]["status"] == "ok"  # an error is tried again on --resume
+    assert _numbers(retried["runs"][1]) == _numbers(first["runs"][1])
+
+
+def test_compare_fails_when_every_run_failed(tmp_path, text_file, monkeypatch, capsys):
+    from moebal.model import MoEModel
+
+    real_forward = MoEModel.forward
+
+    def forward(self, tokens_BS, targets_BS=None):
+        out = real_forward(self, tokens_BS, targets_BS)
+        if self.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MoEModel, "forward", forward)
+    rc = main(["compare", "--balancers", "none,aux_loss", "--data", text_file,
+               "--out", str(tmp_path / "cmp"), *FAST])
+    assert rc == 1
+    assert "every run failed" in capsys.readouterr().err
+    rows = load_results(tmp_path / "cmp")["runs"]
+    assert [r["failure"]["kind"] for r in rows] == ["diverged", "diverged"]

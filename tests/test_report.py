@@ -19,9 +19,9 @@ FIXTURE = Path(__file__).parent / "data" / "compare_micro" / "results.json"
 def _run(method, seed, ppl, mvg=0.5, first=1.0, sup=1.0, avg=0.5, time_s=10.0, **extra):
     run = dict(
         method=method, seed=seed, status="ok", failure=None, steps=10,
-        final_val_ppl=ppl, final_val_loss=None, max_vio_global=mvg, avg_max_vio=avg,
+        val_ppl=ppl, val_loss=None, max_vio_global=mvg, avg_max_vio=avg,
         sup_max_vio=sup, max_vio_batch_first=first, max_vio_batch_last=avg,
-        train_time_s=time_s, tokens_per_s=1000.0, router_time_share=0.05,
+        train_seconds=time_s, tokens_per_s=1000.0, router_time_share=0.05,
         series={}, load_snapshots=[],
     )
     run.update(extra)
@@ -117,7 +117,7 @@ def test_bip_time_claim_uses_wall_time_ratio():
         (lambda r: r["config"].pop("balancers"), "balancers"),
         (lambda r: r["runs"][0].update(status="maybe"), "status"),
         (lambda r: r["runs"][0].update(status="failed", failure=None), "failure"),
-        (lambda r: r["runs"][0].update(final_val_ppl="low"), "final_val_ppl"),
+        (lambda r: r["runs"][0].update(val_ppl="low"), "val_ppl"),
         (lambda r: r["runs"].append(copy.deepcopy(r["runs"][0])), "twice"),
         (lambda r: r["runs"][0].update(series={"step": [1, 2], "max_vio_batch": [0.1]}), "max_vio_batch"),
     ],
@@ -142,9 +142,9 @@ def test_summaries_aggregate_ok_seeds_only():
     runs = [_run("aux_loss", 0, 10.0), _run("aux_loss", 1, 12.0),
             _run("aux_loss", 2, None, status="failed", failure={"step": 5, "reason": "NaN"})]
     (s,) = summarize(_results(runs))
-    assert s.stat("final_val_ppl").n == 2
-    assert s.stat("final_val_ppl").mean == pytest.approx(11.0)
-    assert s.stat("final_val_ppl").std == pytest.approx(2 ** 0.5)
+    assert s.stat("val_ppl").n == 2
+    assert s.stat("val_ppl").mean == pytest.approx(11.0)
+    assert s.stat("val_ppl").std == pytest.approx(2 ** 0.5)
     assert len(s.failed_runs) == 1
 
 
@@ -201,7 +201,7 @@ def test_report_from_stored_results(run_dir, capsys):
     results = load_results(run_dir)
     for s in summarize(results):
         row = next(line for line in md.splitlines() if line.startswith(f"| {s.label} |"))
-        ppl = s.stat("final_val_ppl")
+        ppl = s.stat("val_ppl")
         assert f"{ppl.mean:.2f} ± {ppl.std:.2f}" in row  # mean ± std over the two seeds
     claims = md.split("## What this run says about the papers' claims")[1].split("## Plots")[0]
     verdicts = [c.verdict for c in check_claims(summarize(results))]
@@ -230,3 +230,25 @@ def test_time_claim_is_within_noise_on_a_busy_machine_with_one_seed():
     busy = {c.key: c for c in check_claims(summaries, {"cpu_count": 2, "load_average_at_start": 7.5})}
     assert busy["bip_time"].verdict == WITHIN_NOISE
     assert "load average up to 7.5 on 2" in busy["bip_time"].evidence
+
+
+def test_dropped_slots_are_shown_when_a_capacity_drops_tokens():
+    from moebal.report.document import results_table
+
+    dropless = summarize(_results([_run("none", 0, 10, dropped_frac=0.0)]))
+    assert "Dropped slots" not in results_table(dropless).header
+    capped = summarize(_results([_run("none", 0, 10, dropped_frac=0.125),
+                                 _run("bip", 0, 11, dropped_frac=0.0)]))
+    table = results_table(capped)
+    assert table.header[-1] == "Dropped slots"
+    assert {row[0]: row[-1] for row in table.rows} == {"None (plain top-k)": "12.5%",
+                                                       "BIP": "0.0%"}
+
+
+def test_results_of_schema_1_are_read_under_the_current_names():
+    old = json.loads(FIXTURE.read_text())
+    assert old["schema"] == "moebal.compare.results/1" and "final_val_ppl" in old["runs"][0]
+    new = validate_results(old)
+    assert new["schema"] == SCHEMA
+    assert new["runs"][0]["val_ppl"] == old["runs"][0]["final_val_ppl"]
+    assert new["runs"][0]["train_seconds"] == old["runs"][0]["train_time_s"]

@@ -15,6 +15,7 @@ from moebal.model import ModelConfig
 from moebal.routing import BALANCERS, Balancer
 from moebal.train import (
     PRESETS,
+    NonFiniteLoss,
     RoutingTrace,
     TrainConfig,
     Trainer,
@@ -28,7 +29,7 @@ from moebal.train import (
     train,
 )
 from moebal.train import trainer as trainer_module
-from moebal.train.trainer import param_groups
+from moebal.train.optim import param_groups
 
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and "
          "arrows of outrageous fortune take arms against a sea troubles by opposing end them "
@@ -157,6 +158,13 @@ def test_run_folder_records_every_step(corpus, tmp_path):
     assert load_result(tmp_path / "run").val_ppl == pytest.approx(result.val_ppl)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["vocab_size"] == corpus.vocab_size
+    # the result hands back what the log holds: nobody needs to read metrics.jsonl
+    assert result.series["step"] == [1, 2, 3, 4, 5, 6]
+    assert result.series["loss"] == [r["loss"] for r in steps]
+    assert result.series["val_ppl"] == [r["val_ppl"] for r in evals]
+    assert [s["step"] for s in result.load_snapshots] == [1, 3, 6]
+    assert result.load_snapshots[-1]["loads_LE"] == steps[-1]["loads"]
+    assert load_result(tmp_path / "run").series == result.series
 
 
 def test_same_seed_same_run_other_seed_other_run(corpus):
@@ -334,9 +342,34 @@ def test_nonfinite_loss_stops_the_run(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module.Trainer, "micro_batch", poisoned)
     result = train(model_cfg, train_cfg, tmp_path / "run", data=corpus, progress=False)
     assert result.diverged_step == 4 and result.steps == 3
+    assert result.divergence == "training loss is nan (diverged)"
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["type"] == "diverged" and last["step"] == 4 and math.isnan(last["loss"])
     assert load_result(tmp_path / "run").diverged_step == 4
+
+
+def test_a_non_finite_step_raises_and_changes_nothing(corpus):
+    model_cfg, train_cfg = micro(steps=6, eval_every=0)
+    t = Trainer(model_cfg, train_cfg, corpus)
+    t.train_step()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    original = t.micro_batch
+
+    def poisoned(index):
+        x_BS, y_BS = original(index)
+        with torch.no_grad():
+            t.model.embed.weight.fill_(float("inf"))
+        return x_BS, y_BS
+
+    t.micro_batch = poisoned
+    with pytest.raises(NonFiniteLoss) as info:
+        t.train_step()
+    assert info.value.step == 2 and t.step == 1
+    assert not math.isfinite(info.value.loss)
+    state = t.model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(state[k], v)}
+    assert changed == {"embed.weight", "lm_head.weight"}  # only what the test poisoned
+    assert t.scheduler.last_epoch == 1  # no optimizer or schedule step
 
 
 def test_cli_trains_and_reports(corpus, tmp_path, capsys):

@@ -12,6 +12,7 @@ from moebal.data.corpus import (
     default_cache_dir,
     find_eos,
     load_corpus,
+    resolve_corpus,
     token_dtype,
     train_bpe,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "load_corpus",
     "read_default_documents",
     "read_user_documents",
+    "resolve_corpus",
     "split_documents",
     "strip_gutenberg",
     "token_dtype",

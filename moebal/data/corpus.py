@@ -104,6 +104,11 @@ class Corpus:
     cache_hit: bool = False
     load_seconds: float = 0.0
 
+    def identity(self) -> dict[str, Any]:
+        """What tells this corpus from another: its cache key, vocabulary and sizes."""
+        return {"key": self.key, "vocab_size": self.vocab_size,
+                "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val))}
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
@@ -207,19 +212,40 @@ def _write_stream(
     return n
 
 
-def _open(directory: Path, key: str, load_seconds: float, cache_hit: bool) -> Corpus:
+def load_tokenizer(path: Path, what: str):
+    """A ``tokenizers`` tokenizer from its JSON file; ValueError naming ``what`` when the
+    file is not one (truncated, another format)."""
     from tokenizers import Tokenizer
 
-    meta = json.loads((directory / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{what} {str(path)!r} is not a tokenizers JSON file ({first})") from None
+
+
+def _open(directory: Path, key: str, load_seconds: float, cache_hit: bool) -> Corpus:
+    damaged = (f"the corpus cache {str(directory)!r} is damaged; delete that folder and it "
+               "is rebuilt")
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        counts = {split: int(meta[f"{split}_tokens"]) for split in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{damaged} (meta.json: {exc})") from None
     streams = {}
-    for split in ("train", "val"):
-        count = int(meta[f"{split}_tokens"])
-        streams[split] = (
-            np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r", shape=(count,))
-            if count else np.zeros(0, dtype=dtype)
-        )
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    for split, count in counts.items():
+        file = directory / f"{split}.bin"
+        size = file.stat().st_size if file.is_file() else -1
+        if size != count * dtype.itemsize:
+            raise ValueError(f"{damaged} ({file.name} holds {max(size, 0):,} bytes, "
+                             f"expected {count * dtype.itemsize:,})")
+        streams[split] = (np.memmap(file, dtype=dtype, mode="r", shape=(count,))
+                          if count else np.zeros(0, dtype=dtype))
+    try:
+        tokenizer = load_tokenizer(directory / "tokenizer.json", "cached tokenizer")
+    except ValueError as exc:
+        raise ValueError(f"{damaged} ({exc})") from None
     return Corpus(
         train=streams["train"],
         val=streams["val"],
@@ -250,8 +276,6 @@ def load_corpus(config: Optional[DataConfig] = None, progress: bool = True) -> C
     if (directory / "meta.json").is_file():
         return _open(directory, key, time.perf_counter() - t0, cache_hit=True)
 
-    from tokenizers import Tokenizer
-
     docs = read_default_documents(files) if kind == "default" else read_user_documents(
         config.path, config.text_field, files
     )
@@ -260,7 +284,7 @@ def load_corpus(config: Optional[DataConfig] = None, progress: bool = True) -> C
     tmp = Path(tempfile.mkdtemp(prefix=f".corpus-{key}.", dir=cache))
     try:
         if config.tokenizer is not None:
-            tokenizer = Tokenizer.from_file(str(Path(config.tokenizer).expanduser()))
+            tokenizer = load_tokenizer(Path(config.tokenizer).expanduser(), "--tokenizer")
         else:
             tokenizer = train_bpe(
                 (d.text for d in train_docs), config.vocab_size, len(train_docs), progress
@@ -283,6 +307,7 @@ def load_corpus(config: Optional[DataConfig] = None, progress: bool = True) -> C
             "text_field": config.text_field,
             "tokenizer": config.tokenizer or "bytelevel-bpe",
             "vocab_size": vocab_size,
+            "vocab_size_asked": config.vocab_size if config.tokenizer is None else None,
             "eos_id": eos_id,
             "dtype": dtype.name,
             "val_fraction": config.val_fraction,
@@ -307,3 +332,18 @@ def load_corpus(config: Optional[DataConfig] = None, progress: bool = True) -> C
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _open(directory, key, time.perf_counter() - t0, cache_hit=False)
+
+
+def resolve_corpus(data: Any, vocab_size: int = 8192, progress: bool = True) -> Corpus:
+    """A loaded corpus from ``data``: a :class:`Corpus` (returned as is), a
+    :class:`DataConfig`, a path (file, folder of .txt, JSONL) or None (the default corpus);
+    ``vocab_size`` is the BPE vocabulary trained for a path or None."""
+    if isinstance(data, Corpus):
+        return data
+    if isinstance(data, DataConfig):
+        return load_corpus(data, progress=progress)
+    if data is None:
+        return load_corpus(DataConfig(vocab_size=vocab_size), progress=progress)
+    if isinstance(data, (str, os.PathLike)):
+        return load_corpus(DataConfig(path=str(data), vocab_size=vocab_size), progress=progress)
+    raise TypeError(f"data must be a Corpus, DataConfig, path or None, got {type(data).__name__}")

@@ -151,6 +151,27 @@ def user_source_files(path: str | os.PathLike) -> list[SourceFile]:
     return out
 
 
+NOT_TEXT_LIMIT = 0.05  # a file with more undecodable or control characters is not text
+_NOT_TEXT = re.compile("[\ufffd\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def read_text_file(path: Path) -> str:
+    """The file as UTF-8 text (stray bad bytes replaced); ValueError naming the file when
+    it is not text: over :data:`NOT_TEXT_LIMIT` of its characters undecodable or control
+    characters (an image, an archive, a binary)."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise ValueError(f"data file {str(path)!r} cannot be read ({exc.strerror})") from None
+    bad = len(_NOT_TEXT.findall(text))
+    if text and bad > NOT_TEXT_LIMIT * len(text):
+        raise ValueError(
+            f"data file {str(path)!r} is not text: {bad / len(text):.0%} of its characters "
+            f"are not valid UTF-8 or are control characters"
+        )
+    return text
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[Document]:
     docs = []
     with open(path, encoding="utf-8") as fh:
@@ -190,7 +211,7 @@ def read_user_documents(
         if fp.suffix.lower() in JSONL_SUFFIXES:
             docs.extend(_read_jsonl(fp, text_field))
             continue
-        text = fp.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(fp)
         if text.strip():
             name = str(fp.relative_to(root)) if root.is_dir() else fp.name
             docs.append(Document(name, str(root), text))

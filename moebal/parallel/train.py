@@ -19,9 +19,11 @@ Every process runs the same :class:`ParallelTrainer` (a :class:`moebal.train.Tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -29,24 +31,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moebal.data import resolve_corpus
 from moebal.model import MoEModel, ModelConfig
 from moebal.parallel import comm
 from moebal.parallel.runtime import ExpertParallel, ParallelConfig
 from moebal.parallel.stats import STAT_FIELDS, summarize_rank_stats
-from moebal.train.config import TrainConfig
-from moebal.train.trainer import (
-    RUN_FILES,
+from moebal.train.config import TrainConfig, check_configs
+from moebal.train.context import resolve_device
+from moebal.train.results import StepStats, TrainResult
+from moebal.train.run import (
     DataLike,
-    StepStats,
-    Trainer,
-    TrainResult,
-    _truncate_metrics,
-    load_result,
-    read_metrics,
-    resolve_corpus,
-    resolve_device,
-    write_json,
+    continue_from_checkpoint,
+    finished_result,
+    write_config,
 )
+from moebal.train.rundir import CONTINUE, FINISHED, FRESH, RunDir, read_metrics
+from moebal.train.trainer import Trainer
 
 T = TypeVar("T")
 
@@ -119,11 +119,20 @@ class ParallelTrainer(Trainer):
     def extra_records(self, stats: StepStats) -> list[dict[str, Any]]:
         return [{"type": "parallel", **r} for r in self.ep.step_records(stats.step)]
 
-    def _files(self) -> dict[str, Optional[Path]]:
-        files = super()._files()
-        if self.out_dir is not None:  # every rank keeps its own experts' state
-            files["checkpoint.pt"] = checkpoint_path(self.out_dir, self.ep.rank)
-        return files
+    @property
+    def checkpoint_file(self) -> Optional[Path]:
+        # every rank keeps its own experts' state
+        return self.run.checkpoint(self.ep.rank) if self.run is not None else None
+
+    def agree(self, signum: int, clock_due: bool) -> tuple[int, bool]:
+        """Stop and checkpoint together: a signal or the clock on any rank counts for all
+        (rank 0's clock decides, the others may lag it by a step)."""
+        flags = torch.tensor([signum == signal.SIGINT, signum == signal.SIGTERM,
+                              clock_due and self.is_main], dtype=torch.float32,
+                             device=self.device)
+        comm.all_reduce_(flags, None, what="stop and checkpoint agreement")
+        sigint, sigterm, due = (bool(x) for x in flags.tolist())
+        return (signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0), due
 
     # -- checkpoints and results -------------------------------------------------------
     def parallel_identity(self) -> dict[str, Any]:
@@ -158,7 +167,7 @@ class ParallelTrainer(Trainer):
 
 
 def checkpoint_path(out_dir: Union[str, os.PathLike], rank: int) -> Path:
-    return Path(out_dir) / f"checkpoint.rank{rank}.pt"
+    return RunDir(out_dir).checkpoint(rank)
 
 
 def _in_turns(fn: Callable[[], T], first: bool) -> T:
@@ -182,6 +191,49 @@ def _in_turns(fn: Callable[[], T], first: bool) -> T:
     return value
 
 
+def start_world(parallel: ParallelConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                timeout_s: float) -> torch.device:
+    """Check the sizes (no collective yet: the same ValueError on every rank), then start
+    the process group; returns this rank's device."""
+    if not isinstance(parallel, ParallelConfig):
+        raise TypeError(f"parallel must be a ParallelConfig, got {type(parallel).__name__}")
+    check_configs(model_cfg, train_cfg)
+    _, world = comm.world_from_env()
+    ExpertParallel.validate(parallel, model_cfg.num_experts, world)  # pure: no collective
+    check_parallel_train(train_cfg, world)
+    device = resolve_device(train_cfg.device)
+    comm.init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s)
+    return device
+
+
+def open_run(trainer: ParallelTrainer, resume: bool, force: bool) -> tuple[bool, Any]:
+    """The run folder's start on every rank (the rules of :class:`moebal.train.RunDir`,
+    decided alike everywhere): returns (finished, result or None)."""
+    run, rank = trainer.run, trainer.ep.rank
+    decision = _in_turns(lambda: run.decide(resume, force, trainer.checkpoint_file),
+                         first=rank == 0)
+    decisions: list = [None] * dist.get_world_size()
+    with comm.collective("all_gather of resume decisions"):
+        dist.all_gather_object(decisions, decision)
+    if CONTINUE in decisions and set(decisions) != {CONTINUE}:
+        missing = [r for r, d in enumerate(decisions) if d != CONTINUE]
+        raise ValueError(f"cannot resume {str(run.path)!r}: no checkpoint for ranks {missing} "
+                         f"(each rank reads checkpoint.rank<r>.pt from its own --out)")
+    if decision == FINISHED:
+        return True, _in_turns(lambda: finished_result(trainer) if rank == 0 else None, True)
+    if decision == CONTINUE:
+        done = _in_turns(lambda: continue_from_checkpoint(trainer), first=rank == 0)
+        finished: list = [None] * dist.get_world_size()
+        with comm.collective("all_gather of finished runs"):
+            dist.all_gather_object(finished, done is not None)
+        if all(finished):
+            return True, done if rank == 0 else None
+    elif decision == FRESH and rank == 0:
+        run.clear()
+    comm.barrier("run folder ready")
+    return False, None
+
+
 def train_parallel(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -200,87 +252,52 @@ def train_parallel(
     Returns the TrainResult on rank 0 and None elsewhere. Bad sizes (world, EP size,
     experts, placement, batch size) raise ValueError on every rank before any collective;
     the process group is started here (torchrun's environment) unless one exists, with
-    ``timeout_s`` on every collective, and is left for the caller to end.
+    ``timeout_s`` on every collective, and is left for the caller to end. Rank 0 holds
+    the run folder's lock; every rank writes its own checkpoint.rank<r>.pt.
     """
-    if not isinstance(parallel, ParallelConfig):
-        raise TypeError(f"parallel must be a ParallelConfig, got {type(parallel).__name__}")
-    model_cfg.validate()
-    train_cfg.validate()
-    rank, world = comm.world_from_env()
-    ExpertParallel.validate(parallel, model_cfg.num_experts, world)  # pure: no collective
-    check_parallel_train(train_cfg, world)
-    device = resolve_device(train_cfg.device)
-    comm.init_distributed("nccl" if device.type == "cuda" else "gloo", timeout_s)
+    device = start_world(parallel, model_cfg, train_cfg, timeout_s)
     rank = dist.get_rank()
-    run_dir = Path(out_dir) if out_dir is not None else None
+    run = RunDir(out_dir, extra_files=("parallel.json",)) if out_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if run is not None:
+            def take_folder() -> None:
+                if rank == 0:
+                    stack.enter_context(run.locked())
+                    run.remove_temp_files()
+                run.check_request(resume, force)
 
-    def check_run_dir() -> list[str]:
-        existing = [n for n in RUN_FILES + ("parallel.json",)
-                    if run_dir is not None and (run_dir / n).exists()]
-        if run_dir is not None:
-            existing += sorted(p.name for p in run_dir.glob("checkpoint.rank*.pt"))
-        if existing and not (resume or force):
-            raise ValueError(
-                f"{str(run_dir)!r} already holds a run ({', '.join(existing)}); "
-                f"resume it with --resume or start over with --force"
-            )
-        return existing
-
-    existing = _in_turns(check_run_dir, first=rank == 0)
-    # one process per machine tokenises (or finds the cache) before the others read it
-    local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
-    corpus = _in_turns(lambda: resolve_corpus(data, vocab_size=model_cfg.vocab_size,
-                                              progress=progress and rank == 0),
-                       first=local_first)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size)
-    ep = ExpertParallel.setup(parallel, model_cfg.num_experts, device=device if
-                              device.type == "cpu" else None)
-    if rank == 0:
-        placement = parallel.placement if isinstance(parallel.placement, str) else "explicit"
-        print(f"expert parallelism: {ep.layout.describe()}; placement {placement}, schedule "
-              f"{parallel.schedule}, backend {dist.get_backend()}", flush=True)
-    trainer = ParallelTrainer(model_cfg, train_cfg, corpus, run_dir, ep=ep, preset=preset)
-    ckpt = checkpoint_path(run_dir, rank) if run_dir is not None else None
-    found: list = [None] * dist.get_world_size()
-    with comm.collective("all_gather of checkpoint presence"):
-        dist.all_gather_object(found, bool(resume and ckpt is not None and ckpt.is_file()))
-    if any(found) and not all(found):
-        missing = [r for r, f in enumerate(found) if not f]
-        raise ValueError(f"cannot resume {str(run_dir)!r}: no checkpoint for ranks {missing} "
-                         f"(each rank reads checkpoint.rank<r>.pt from its own --out)")
-    resumed = all(found)
-    if resumed:
-        trainer.load_checkpoint(ckpt)
-        finished = trainer.step >= train_cfg.steps and (run_dir / "result.json").is_file()
-        if finished:
-            return load_result(run_dir) if rank == 0 else None
+            _in_turns(take_folder, first=rank == 0)
+        # one process per machine tokenises (or finds the cache) before the others read it
+        local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
+        corpus = _in_turns(lambda: resolve_corpus(data, vocab_size=model_cfg.vocab_size,
+                                                  progress=progress and rank == 0),
+                           first=local_first)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size)
+        ep = ExpertParallel.setup(parallel, model_cfg.num_experts, device=device if
+                                  device.type == "cpu" else None)
         if rank == 0:
-            _truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
-    elif run_dir is not None and rank == 0:
-        for name in existing:
-            (run_dir / name).unlink()
-    comm.barrier("run folder ready")
-    if run_dir is not None and rank == 0:
-        write_json(run_dir / "config.json", {
-            "preset": preset,
-            "model": model_cfg.to_dict(),
-            "train": train_cfg.to_dict(),
-            "parallel": {**parallel_config_dict(parallel), **trainer.parallel_identity(),
-                         "rank": None, "backend": dist.get_backend()},
-            "data": {**trainer.data_identity(), "directory": str(corpus.directory),
-                     "source": corpus.meta.get("data"),
-                     "tokenizer": corpus.meta.get("tokenizer")},
-            "params": trainer.full_params[0],
-            "active_params": trainer.full_params[1],
-        })
-    result = trainer.fit(progress=progress and rank == 0)
-    if rank != 0:
-        return None
-    if run_dir is not None:
-        summary = summarise_run(run_dir)
-        write_json(run_dir / "parallel.json", summary)
-        print(format_summary(summary))
-    return result
+            placement = parallel.placement if isinstance(parallel.placement, str) else "explicit"
+            print(f"expert parallelism: {ep.layout.describe()}; placement {placement}, "
+                  f"schedule {parallel.schedule}, backend {dist.get_backend()}", flush=True)
+        trainer = ParallelTrainer(model_cfg, train_cfg, corpus, run, ep=ep, preset=preset)
+        if run is not None:
+            finished, result = open_run(trainer, resume, force)
+            if finished:
+                return result
+            if rank == 0:
+                write_config(trainer, params=trainer.full_params[0],
+                             active_params=trainer.full_params[1],
+                             parallel={**parallel_config_dict(parallel),
+                                       **trainer.parallel_identity(), "rank": None,
+                                       "backend": dist.get_backend()})
+        result = trainer.fit(progress=progress and rank == 0)
+        if rank != 0:
+            return None
+        if run is not None:
+            summary = summarise_run(run.path)
+            run.write_json("parallel.json", summary)
+            print(format_summary(summary))
+        return result
 
 
 def parallel_config_dict(config: ParallelConfig) -> dict[str, Any]:

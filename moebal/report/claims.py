@@ -131,23 +131,23 @@ def check_lowest_ppl(summaries: list[MethodSummary], method: str = "bip") -> Cla
     )
     by = _by_method(summaries)
     ranked = sorted(
-        (s for s in by.values() if s.stat("final_val_ppl").ok),
-        key=lambda s: s.stat("final_val_ppl").mean,
+        (s for s in by.values() if s.stat("val_ppl").ok),
+        key=lambda s: s.stat("val_ppl").mean,
     )
     if method not in by or len(ranked) < 2:
         return ClaimCheck("lowest_ppl", "BIP paper", claim, NOT_TESTED, "BIP and at least one other method must finish.")
-    ranking = ", ".join(f"{s.label} {_ppl(s.stat('final_val_ppl'))}" for s in ranked)
-    target = by[method].stat("final_val_ppl")
+    ranking = ", ".join(f"{s.label} {_ppl(s.stat('val_ppl'))}" for s in ranked)
+    target = by[method].stat("val_ppl")
     best = ranked[0]
     if best.method == method:
         rival = ranked[1]
-        gap = rival.stat("final_val_ppl").mean - target.mean
-        beyond = gap_beyond_noise(target, rival.stat("final_val_ppl"))
+        gap = rival.stat("val_ppl").mean - target.mean
+        beyond = gap_beyond_noise(target, rival.stat("val_ppl"))
         evidence = f"Ranking (val PPL): {ranking}. BIP is lowest, {gap:.2f} below {rival.label}"
         verdict = SUPPORTED if beyond in (True, None) else WITHIN_NOISE
     else:
-        gap = target.mean - best.stat("final_val_ppl").mean
-        beyond = gap_beyond_noise(target, best.stat("final_val_ppl"))
+        gap = target.mean - best.stat("val_ppl").mean
+        beyond = gap_beyond_noise(target, best.stat("val_ppl"))
         evidence = f"Ranking (val PPL): {ranking}. {best.label} is lowest; BIP is {gap:.2f} above it"
         verdict = NOT_SUPPORTED if beyond in (True, None) else WITHIN_NOISE
     if beyond is None:
@@ -168,7 +168,7 @@ def check_loss_free(summaries: list[MethodSummary]) -> ClaimCheck:
     if "loss_free" not in by or "aux_loss" not in by:
         return ClaimCheck("loss_free", "Loss-Free paper", claim, NOT_TESTED, "Loss-Free and aux loss must both finish.")
     lf, aux = by["loss_free"], by["aux_loss"]
-    p_lf, p_aux = lf.stat("final_val_ppl"), aux.stat("final_val_ppl")
+    p_lf, p_aux = lf.stat("val_ppl"), aux.stat("val_ppl")
     g_lf, g_aux = lf.stat("max_vio_global"), aux.stat("max_vio_global")
     better_ppl = p_lf.mean < p_aux.mean
     beyond = gap_beyond_noise(p_lf, p_aux)
@@ -217,7 +217,7 @@ def check_bip_time(summaries: list[MethodSummary], environment: Optional[dict] =
     by = _by_method(summaries)
     if "bip" not in by or "aux_loss" not in by:
         return ClaimCheck("bip_time", "BIP paper", claim, NOT_TESTED, "BIP and aux loss must both finish.")
-    t_bip, t_aux = by["bip"].stat("train_time_s"), by["aux_loss"].stat("train_time_s")
+    t_bip, t_aux = by["bip"].stat("train_seconds"), by["aux_loss"].stat("train_seconds")
     saving = 1.0 - t_bip.mean / t_aux.mean
     beyond = gap_beyond_noise(t_bip, t_aux)
     evidence = (

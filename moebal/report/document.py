@@ -109,13 +109,13 @@ def results_table(summaries: list[MethodSummary]) -> Table:
     ]
     rows = []
     best_ppl = min(
-        (s.stat("final_val_ppl").mean for s in summaries if s.stat("final_val_ppl").ok),
+        (s.stat("val_ppl").mean for s in summaries if s.stat("val_ppl").ok),
         default=None,
     )
     for s in summaries:
         st = s.stat
-        ppl = fmt_stat(st("final_val_ppl"), 2)
-        if best_ppl is not None and st("final_val_ppl").ok and st("final_val_ppl").mean == best_ppl:
+        ppl = fmt_stat(st("val_ppl"), 2)
+        if best_ppl is not None and st("val_ppl").ok and st("val_ppl").mean == best_ppl:
             ppl = f"**{ppl}**"
         rows.append([
             s.label,
@@ -127,11 +127,17 @@ def results_table(summaries: list[MethodSummary]) -> Table:
             fmt_stat(st("sup_max_vio")),
             fmt_stat(st("max_vio_batch_first")),
             fmt_stat(st("max_vio_batch_last")),
-            fmt_time(st("train_time_s")),
+            fmt_time(st("train_seconds")),
             fmt_throughput(st("tokens_per_s")),
             fmt_stat(st("router_time_share"), 1, 100.0, "%"),
         ])
-    return Table(header, rows, "lllrrrrrrrrr")
+    # with a capacity factor, MaxVio is measured against the ideal T*K/E of the slots
+    # routed, so the share of them dropped stands beside it
+    if any(st.ok and st.mean for st in (s.stat("dropped_frac") for s in summaries)):
+        header.append("Dropped slots")
+        for row, s in zip(rows, summaries):
+            row.append(fmt_stat(s.stat("dropped_frac"), 1, 100.0, "%"))
+    return Table(header, rows, "lllrrrrrrrrr" + "r" * (len(header) - 12))
 
 
 def _claim_item(c: ClaimCheck) -> str:
@@ -139,23 +145,23 @@ def _claim_item(c: ClaimCheck) -> str:
 
 
 def _headline(summaries: list[MethodSummary]) -> Optional[str]:
-    ok = [s for s in summaries if s.stat("final_val_ppl").ok]
+    ok = [s for s in summaries if s.stat("val_ppl").ok]
     if not ok:
         return None
-    best = min(ok, key=lambda s: s.stat("final_val_ppl").mean)
+    best = min(ok, key=lambda s: s.stat("val_ppl").mean)
     balanced = min(
         (s for s in ok if s.stat("avg_max_vio").ok), key=lambda s: s.stat("avg_max_vio").mean,
         default=None,
     )
     text = (
         f"Lowest validation perplexity: **{best.label}** "
-        f"({fmt_stat(best.stat('final_val_ppl'), 2)})"
+        f"({fmt_stat(best.stat('val_ppl'), 2)})"
     )
-    rest = sorted((s for s in ok if s is not best), key=lambda s: s.stat("final_val_ppl").mean)
+    rest = sorted((s for s in ok if s is not best), key=lambda s: s.stat("val_ppl").mean)
     if rest:
         runner = rest[0]
-        beyond = gap_beyond_noise(best.stat("final_val_ppl"), runner.stat("final_val_ppl"))
-        gap = runner.stat("final_val_ppl").mean - best.stat("final_val_ppl").mean
+        beyond = gap_beyond_noise(best.stat("val_ppl"), runner.stat("val_ppl"))
+        gap = runner.stat("val_ppl").mean - best.stat("val_ppl").mean
         text += f", {gap:.2f} below {runner.label}" + {
             None: " (one seed: noise unknown)",
             True: ", a gap larger than the seeds' standard deviations",

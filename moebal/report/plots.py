@@ -136,18 +136,18 @@ def plot_val_ppl(summaries: list[MethodSummary]) -> Optional[bytes]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
 
-    finals = [s for s in summaries if s.stat("final_val_ppl").ok]
+    finals = [s for s in summaries if s.stat("val_ppl").ok]
     for i, s in enumerate(finals):
         color = method_color(s.method)
-        st = s.stat("final_val_ppl")
+        st = s.stat("val_ppl")
         ax2.barh(i, st.mean, color=color, alpha=0.35, height=0.6)
-        values = [r["final_val_ppl"] for r in s.ok_runs if r.get("final_val_ppl") is not None]
+        values = [r["val_ppl"] for r in s.ok_runs if r.get("val_ppl") is not None]
         ax2.plot(values, [i] * len(values), "o", color=color, markersize=5)
         if st.n > 1 and np.isfinite(st.std):
             ax2.errorbar(st.mean, i, xerr=st.std, color="black", capsize=3, linewidth=1)
     if finals:
-        lo = min(min(r["final_val_ppl"] for r in s.ok_runs if r.get("final_val_ppl") is not None) for s in finals)
-        hi = max(max(r["final_val_ppl"] for r in s.ok_runs if r.get("final_val_ppl") is not None) for s in finals)
+        lo = min(min(r["val_ppl"] for r in s.ok_runs if r.get("val_ppl") is not None) for s in finals)
+        hi = max(max(r["val_ppl"] for r in s.ok_runs if r.get("val_ppl") is not None) for s in finals)
         pad = max(0.1 * (hi - lo), 0.01 * hi)
         ax2.set_xlim(lo - pad, hi + pad)
         ax2.set_yticks(range(len(finals)))

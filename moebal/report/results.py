@@ -5,13 +5,13 @@ A comparison trains one model under several balancers and seeds. Its run folder 
     results.json             this file's schema (below)
     report.md, report.html   written by :func:`moebal.report.write_report`
     plots/*.png
-    runs/<method>/seed<k>/   one training run each (metrics, checkpoint, summary.json)
+    runs/<method>/seed<k>/   one training run each (a moebal.train.RunDir + run.json)
 
 ``results.json`` is self-contained: the report is regenerated from it alone, so a run
 folder can be copied elsewhere (or only its ``results.json``) and ``moebal report`` rerun::
 
     {
-      "schema": "moebal.compare.results/1",
+      "schema": "moebal.compare.results/2",
       "command": "moebal compare --preset tiny",      # how it was made
       "created_at": "...", "updated_at": "...",      # ISO 8601, UTC
       "config": {                                    # what makes two runs comparable
@@ -26,17 +26,19 @@ folder can be copied elsewhere (or only its ``results.json``) and ``moebal repor
         {
           "method": "aux_loss", "seed": 0,
           "status": "ok" | "failed",
-          "failure": null | {"step": 123, "reason": "loss is NaN"},
+          "failure": null | {"step": 123, "reason": "training loss is nan (diverged)",
+                             "kind": "diverged" | "error"},   # diverged: for good
           "steps": 300,                              # optimizer steps completed
           "tokens": 1228800,                         # training tokens seen
-          "final_val_loss": 5.1, "final_val_ppl": 164.0,
+          "val_loss": 5.1, "val_ppl": 164.0,         # as in TrainResult (/1: final_val_*)
           "max_vio_global": 0.31,                    # at the last evaluation
           "avg_max_vio": 0.42, "sup_max_vio": 2.1,   # over all training steps
           "max_vio_batch_first": 2.1, "max_vio_batch_last": 0.3,
-          "train_time_s": 58.0,                      # the training steps only
-          "wall_time_s": 61.0,                       # with evaluations and checkpoints
+          "train_seconds": 58.0,                     # the training steps (/1: train_time_s)
+          "wall_seconds": 61.0,                      # with evaluations and checkpoints
           "tokens_per_s": 20150.0,
           "router_time_share": 0.04,                 # router seconds / step seconds
+          "dropped_frac": 0.0,                       # token-slots dropped by capacity
           "series": {
             "step": [...], "loss": [...], "max_vio_batch": [...],   # per training step
             "eval_step": [...], "val_ppl": [...], "eval_max_vio_global": [...]
@@ -60,24 +62,30 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-SCHEMA = "moebal.compare.results/1"
+SCHEMA = "moebal.compare.results/2"
+# results.json of schema /1 named four numbers differently from TrainResult; they are read
+# (and upgraded) under the names used everywhere since.
+RENAMED_IN_2 = {"final_val_loss": "val_loss", "final_val_ppl": "val_ppl",
+                "train_time_s": "train_seconds", "wall_time_s": "wall_seconds"}
+OLD_SCHEMAS = ("moebal.compare.results/1",)
 RESULTS_FILE = "results.json"
 
 STATUSES = ("ok", "failed")
 
 # the per-run numbers the report aggregates over seeds
 RUN_METRICS = (
-    "final_val_loss",
-    "final_val_ppl",
+    "val_loss",
+    "val_ppl",
     "max_vio_global",
     "avg_max_vio",
     "sup_max_vio",
     "max_vio_batch_first",
     "max_vio_batch_last",
-    "train_time_s",
-    "wall_time_s",
+    "train_seconds",
+    "wall_seconds",
     "tokens_per_s",
     "router_time_share",
+    "dropped_frac",
 )
 
 # canonical order and names of the methods, for tables and plot colours
@@ -113,10 +121,21 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def upgrade_results(results: dict) -> dict:
+    """A results dict of an older schema in the current one (the same numbers)."""
+    if results.get("schema") not in OLD_SCHEMAS:
+        return results
+    runs = [{RENAMED_IN_2.get(k, k): v for k, v in run.items()} if isinstance(run, dict)
+            else run for run in results.get("runs") or []]
+    return {**results, "schema": SCHEMA, "runs": runs}
+
+
 def validate_results(results: Any) -> dict:
-    """Check the structure of a results dict; raise ValueError naming what is wrong."""
+    """Check the structure of a results dict (an older schema is upgraded first); raise
+    ValueError naming what is wrong."""
     if not isinstance(results, dict):
         raise ValueError(f"results must be a JSON object, got {type(results).__name__}")
+    results = upgrade_results(results)
     if results.get("schema") != SCHEMA:
         raise ValueError(
             f"results schema is {results.get('schema')!r}, this moebal reads {SCHEMA!r}"

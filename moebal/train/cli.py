@@ -7,6 +7,14 @@ Examples:
   moebal train --out runs/x --resume            # continue an interrupted run
 The run folder gets config.json, metrics.jsonl, checkpoint.pt, result.json (and trace.npz
 with --trace); see docs/training.md and docs/traces.md.
+
+Checkpoints: checkpoint.pt is written after the last step, every checkpoint_every steps
+(default 0 = off for micro and tiny, 200 for small, 1000 for the paper presets), every
+checkpoint_interval_s seconds of wall time (default 600; --set checkpoint_interval_s=60),
+and on Ctrl-C (SIGINT) or SIGTERM: the step in progress finishes, the checkpoint is
+written, and the command exits with 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C stops
+at once. --resume continues exactly where the checkpoint stands; a run folder is locked
+while a run uses it. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from moebal.train.errors import RunInterrupted
 from moebal.train.presets import PRESETS
 
 
@@ -91,7 +101,7 @@ def configs_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from moebal.parallel import cli as parallel_cli
-    from moebal.train.trainer import train
+    from moebal.train.run import train
 
     # --nproc N: checked, then re-run under torchrun
     launched = parallel_cli.launch_if_asked(args, configs_from_args)
@@ -114,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     print(f"run folder       {out}")
+    asked = data_cfg.vocab_size if data_cfg.tokenizer is None else None
+    got = result.model_config.get("vocab_size")
+    if asked is not None and got is not None and got < asked:
+        print(f"vocabulary       {got:,} tokens (asked for {asked:,}: the text has no more "
+              f"distinct merges)")
     print(f"steps            {result.steps} ({result.tokens:,} tokens, "
           f"{result.params:,} params, {result.active_params:,} active)")
     print(f"val perplexity   {fmt(result.val_ppl, '.2f')} (loss {fmt(result.val_loss)})")
@@ -128,16 +143,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_command(command: Sequence[str]) -> str:
+    """``command`` with --resume instead of --force (what continues an interrupted run)."""
+    words = [w for w in command if w not in ("--force", "--resume")]
+    return shlex.join([*words, "--resume"])
+
+
+def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace,
+                command: Sequence[str]) -> int:
+    """``run(args)`` with the command line's error handling: bad input is one line and
+    exit 2; a run stopped by a signal says where its checkpoint is and how to continue,
+    and exits with 128 + the signal number."""
+    try:
+        return int(run(args) or 0)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"moebal: error: {exc}", file=sys.stderr)
+        return 2
+    except RunInterrupted as exc:
+        hint = f"; continue with: {resume_command(command)}" if exc.checkpoint else ""
+        print(f"moebal: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("moebal: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m moebal.train`` (what torchrun launches)."""
     parser = argparse.ArgumentParser(prog="python -m moebal.train", description=__doc__)
     add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as exc:
-        print(f"moebal: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moebal: interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, args, ["python", "-m", "moebal.train", *argv])

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from moebal.model.config import dataclass_from_dict
+from moebal.model.config import ModelConfig, dataclass_from_dict
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -33,7 +33,11 @@ class TrainConfig:
     dtype           "auto" (fp32 on CPU, bf16 autocast on CUDA), "fp32" or "bf16".
     log_every       write a train record to metrics.jsonl every N steps (1 = every step).
     checkpoint_every
-                    write checkpoint.pt every N steps; 0 = only after the last step.
+                    write checkpoint.pt every N steps (0 = no step count; a checkpoint is
+                    also written after the last step, on SIGINT/SIGTERM and on the clock).
+    checkpoint_interval_s
+                    also write checkpoint.pt when this many seconds of wall time have
+                    passed since the last one (0 = never on the clock).
     trace           record the routing trace (trace.npz, see docs/traces.md).
     trace_shards    groups the global batch's sequences are split into in the trace, as if
                     they came from that many data-parallel ranks.
@@ -59,6 +63,7 @@ class TrainConfig:
     dtype: str = "auto"
     log_every: int = 1
     checkpoint_every: int = 0
+    checkpoint_interval_s: float = 600.0
     trace: bool = False
     trace_shards: int = 8
     deterministic: bool = True
@@ -78,7 +83,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        floats = {"lr": False, "min_lr": True, "weight_decay": True, "clip": True}
+        floats = {"lr": False, "min_lr": True, "weight_decay": True, "clip": True,
+                  "checkpoint_interval_s": True}
         for name, zero_ok in floats.items():
             value = getattr(self, name)
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -118,7 +124,19 @@ class TrainConfig:
         return dataclass_from_dict(cls, d)
 
 
-# Fields that may differ between a checkpoint and the run resuming it: they change what is
-# written and how often, never the numbers the run computes.
-RESUME_FREE_FIELDS = ("log_every", "checkpoint_every", "eval_every", "eval_batches", "device",
+# Fields that may differ between a checkpoint and the run resuming it (and between an
+# interrupted comparison and the one continuing it): they change what is written and how
+# often, never a number the run reports. (The device can change the numbers' last digits; a
+# comparison records and checks its device separately.)
+RESUME_FREE_FIELDS = ("log_every", "checkpoint_every", "checkpoint_interval_s", "device",
                       "router_timing", "threads")
+
+
+def check_configs(model_cfg: Any, train_cfg: Any) -> None:
+    """TypeError unless a ModelConfig and a TrainConfig; ValueError unless both are valid."""
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
+    if not isinstance(train_cfg, TrainConfig):
+        raise TypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    model_cfg.validate()
+    train_cfg.validate()

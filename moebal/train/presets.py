@@ -88,7 +88,7 @@ def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     return copy.deepcopy(p.model), copy.deepcopy(p.train)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A Python literal (int, float, bool, None, list, dict, quoted str), else the string."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
@@ -114,12 +114,13 @@ def apply_overrides(
     model_changes: dict[str, Any] = {}
     train_changes: dict[str, Any] = {}
     router_options = copy.deepcopy(model_cfg.router_options)
+    overrides = list(overrides)
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, _, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        value = _parse_value(raw)
+        value = parse_value(raw)
         if key.startswith(("router.", "router_options.")):
             router_options[key.split(".", 1)[1]] = value
         elif key in model_fields:
@@ -133,5 +134,13 @@ def apply_overrides(
             )
     if router_options != model_cfg.router_options and "router_options" not in model_changes:
         model_changes["router_options"] = router_options
-    return (dataclasses.replace(model_cfg, **model_changes),
-            dataclasses.replace(train_cfg, **train_changes))
+    try:
+        return (dataclasses.replace(model_cfg, **model_changes),
+                dataclasses.replace(train_cfg, **train_changes))
+    except (TypeError, ValueError) as exc:
+        if len(overrides) > 1:  # name the one refused on its own
+            for item in overrides:
+                apply_overrides(model_cfg, train_cfg, [item])
+        key, _, raw = overrides[0].partition("=") if len(overrides) == 1 else ("", "", "")
+        what = f"--set {key.strip()}={raw.strip()}" if key else "--set " + " ".join(overrides)
+        raise ValueError(f"{what}: {exc}") from None
