@@ -31,8 +31,9 @@ import math
 
 import torch
 
-# one value in SAMPLE_STRIDE of each row is sampled, at least SAMPLE_MIN and at most
-# SAMPLE_MAX of them; the bracket then holds about 4 / sqrt(sample size) of the row
+# one value in SAMPLE_STRIDE of each row is sampled, in runs of SAMPLE_RUN adjacent values,
+# at least SAMPLE_MIN and at most SAMPLE_MAX of them (ns); the bracket then holds about
+# 2 SPREAD sqrt(p (1 - p) / ns) of the row, p = k / n: 4% for p = 1/8 and ns = 1024
 SAMPLE_STRIDE = 16
 SAMPLE_MIN = 256
 SAMPLE_MAX = 2048
@@ -105,7 +106,7 @@ def row_counts(mask_RN: torch.Tensor) -> torch.Tensor:
     """
     R, n = mask_RN.shape
     words = n // 4 // LANE_CHUNK * LANE_CHUNK
-    if words == 0 or mask_RN.stride(1) != 1 or mask_RN.stride(0) % 4:
+    if words == 0 or mask_RN.stride(1) != 1 or (mask_RN.stride(0) | mask_RN.storage_offset()) % 4:
         return mask_RN.sum(dim=1)
     lanes_RC = (
         mask_RN[:, : 4 * words].view(torch.uint8).view(torch.int32)
@@ -150,6 +151,7 @@ def bracket_kth_largest(
         miss_R = (~hit_R).nonzero().squeeze(1)
         kth_R[miss_R] = topk_kth_largest(x_RN[miss_R], k)
     return kth_R
+
 
 def fast_kth_largest(x_RN: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th largest of each row of a 2-D ``x_RN`` (no NaN), ``k`` in ``1..n``.
