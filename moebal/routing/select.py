@@ -48,9 +48,10 @@ MIN_ROW = 8192
 MIN_SIZE = 1 << 19
 # the bracket runs only with at most this many intra-op threads, and only on CPU. Its passes
 # are bound by memory and each is a parallel region, while torch.topk is one region bound
-# by compute that splits the rows across threads: on two threads the bracket measured about
-# 20% faster on a quiet machine and several times slower when other processes held the
-# cores (each region then waits for its second thread). On a GPU its host reads would sync.
+# by compute that splits the rows across threads: on two threads the bracket measured 20%
+# faster with warm caches on a quiet machine, 14% slower in the router benchmark (cold
+# caches) and several times slower when other processes held the cores (each region then
+# waits for its second thread). On a GPU its host reads would sync.
 MAX_THREADS = 1
 # the bracket may hold at most this fraction of the matrix, else torch.topk for all rows
 MAX_FILL = 0.25
