@@ -248,6 +248,16 @@ def optimal_routing(scores_TE: torch.Tensor, top_k: int, warm_iters: int = 50) -
     return x_NE[:T].nonzero()[:, 1].view(T, K)
 
 
+def forbid_outside(scores_TE: torch.Tensor, allowed_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Scores with every pair outside ``allowed_TE`` lowered by more than any routing can
+    gain elsewhere (``T K`` times the score span, plus 1): the optimum of the balanced
+    program on them uses as few such pairs as balance allows, and none where the allowed
+    pairs alone admit a balanced routing."""
+    span = float(scores_TE.max() - scores_TE.min()) if scores_TE.numel() else 0.0
+    penalty = scores_TE.shape[0] * top_k * span + 1.0
+    return torch.where(allowed_TE, scores_TE, scores_TE - penalty)
+
+
 @register_balancer("optimal")
 class OptimalBalancer(Balancer):
     """Each batch routed by the exact balanced optimum (:func:`optimal_routing`).
@@ -271,6 +281,8 @@ class OptimalBalancer(Balancer):
             check_choice("optimal_solver", self.solver, ("flow", "highs"))
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
+        if ctx.allowed_TE is not None:
+            scores_TE = forbid_outside(scores_TE.detach().double(), ctx.allowed_TE, top_k)
         if self.options.solver == "highs":
             return optimal_routing_lp(scores_TE, top_k)
         return optimal_routing(scores_TE, top_k)
