@@ -265,6 +265,11 @@ class OptimalBalancer(Balancer):
     ``options.solver``: "flow" (successive shortest paths, the default) or "highs" (the LP
     by HiGHS's simplex, :func:`optimal_routing_lp`); both exact.
 
+    Under a group limit (``RouterConfig.num_groups``) the pairs outside each token's
+    groups get a prohibitive score (:func:`forbid_outside`): the limit holds wherever a
+    balanced routing inside the groups exists; where none does, balance wins and the
+    limit is broken on as few token-slots as it needs.
+
     A reference, not a training method: it needs the whole batch, runs an LP on the CPU per
     batch, and loads are equal (up to the floor/ceil of ``T K / E``) by construction. Same
     in training and ``eval()``; no state, no loss.
