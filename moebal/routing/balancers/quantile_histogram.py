@@ -8,9 +8,9 @@ Expert j's range is ``[lo_j, lo_j + 2 m)`` with ``lo_j = beta_j - m`` (``m`` the
 others' data), cut into ``B`` bins of width ``w = 2 m / B``, plus an underflow and an
 overflow bin: ``[E, B + 2]`` counts, column 0 below the range, column ``B + 1`` at or
 above it. The bin of a value is ``floor((x - lo_j) / w)`` clamped to ``-1..B``, computed
-as ``floor(x / w + (1 - lo_j / w)) - 1`` in float32 (one formula for every value, so the
-map is monotone and a value lands in the same bin whichever rank or batch holds it; the
-edges are those of exact arithmetic up to float32 rounding): the counts summed over batches and ranks are
+in float32 as one formula for every value (:func:`bin_of`), so the map is monotone and a
+value lands in the same bin whichever rank or batch holds it (the edges are those of exact
+arithmetic up to float32 rounding, under 2**-7 of a bin while ``E (B + 2) < 2**16``): the counts summed over batches and ranks are
 exactly the counts of the pooled values, and the ``r``-th largest read from them is the
 bin of the exact ``r``-th largest of the pooled values.
 """
@@ -25,20 +25,28 @@ def histogram_low(beta_E: torch.Tensor, margin: float) -> torch.Tensor:
     return beta_E.float() - margin
 
 
-def _cell_plus_one(x: torch.Tensor, lo_E: torch.Tensor, margin: float, bins: int,
-                   out: torch.Tensor) -> torch.Tensor:
-    """``clamp(s x + (1 - s lo), 0, B + 1)`` into ``out``, ``s = B / (2 margin)``: its
-    integer part is the bin + 1 (0 under the range, B + 1 over it). ``lo_E`` broadcasts
-    along the last dim of ``x``. Every bin map here goes through this one formula."""
+def _cells(x: torch.Tensor, lo_E: torch.Tensor, margin: float, bins: int,
+           out: torch.Tensor) -> torch.Tensor:
+    """Each value's cell of the flat ``[E * (B + 2)]`` histogram, as an integral float.
+
+    ``clamp(s x + c_j, o_j, o_j + B + 1)`` with ``s = B / (2 margin)``, ``o_j = j (B + 2)``
+    and ``c_j = o_j + 1 - s lo_j``: its integer part is ``o_j`` + bin + 1 (``o_j`` under the
+    range, ``o_j + B + 1`` over it). ``x`` is ``[T, E]`` (``lo_E`` along its last dim).
+    Every bin map here goes through this one formula (two float32 operations per value).
+    """
+    E = x.shape[-1]
     scale = bins / (2.0 * margin)
-    return torch.add(1.0 - scale * lo_E, x, alpha=scale, out=out).clamp_(0.0, bins + 1.0)
+    first_E = torch.arange(E, dtype=torch.float32, device=x.device) * (bins + 2)
+    torch.add(first_E + (1.0 - scale * lo_E), x, alpha=scale, out=out)
+    return out.clamp_(first_E, first_E + (bins + 1))
 
 
 def bin_of(x_ET: torch.Tensor, lo_E: torch.Tensor, margin: float, bins: int) -> torch.Tensor:
     """The bin of each value, int64 in ``-1..bins`` (-1 under the range, ``bins`` over it)."""
     x_TE = x_ET.t()
-    cell_TE = _cell_plus_one(x_TE, lo_E, margin, bins, torch.empty_like(x_TE))
-    return cell_TE.long().t() - 1  # truncation is floor on these non-negative values
+    cell_TE = _cells(x_TE, lo_E, margin, bins, torch.empty_like(x_TE)).long()
+    first_E = torch.arange(x_TE.shape[1], device=x_TE.device) * (bins + 2)
+    return (cell_TE - first_E - 1).t()  # truncation is floor on these non-negative values
 
 
 def histogram_counts_TE(
@@ -50,11 +58,8 @@ def histogram_counts_TE(
     layout (no transpose) and counted by one ``bincount`` over ``E * (bins + 2)`` cells.
     """
     E = x_TE.shape[1]
-    width = bins + 2
-    cell_TE = _cell_plus_one(x_TE, lo_E, margin, bins, out=x_TE).to(torch.int32)
-    cell_TE += torch.arange(0, E * width, width, dtype=torch.int32, device=x_TE.device)
-    counts = torch.bincount(cell_TE.view(-1), minlength=E * width)
-    return counts.view(E, width)
+    cells = _cells(x_TE, lo_E, margin, bins, out=x_TE).view(-1).to(torch.int32)
+    return torch.bincount(cells, minlength=E * (bins + 2)).view(E, bins + 2)
 
 
 def kth_largest_bin(counts_EB: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
