@@ -55,7 +55,7 @@ def admission(
     values, indices = torch.topk(y_TE, top_k + 1, dim=1, sorted=False)
     alpha_T, at_T = values.min(dim=1)
     indices.scatter_(1, at_T[:, None], indices[:, top_k:])
-    return indices[:, :top_k], alpha_T
+    return indices[:, :top_k].contiguous(), alpha_T
 
 
 def excess_ET(
