@@ -161,7 +161,7 @@ def test_moebal_loss_is_added_to_the_models_loss():
     ref = model(x, labels=x).loss.detach()
     handle = patch_model(model, z_loss_coeff=1e-2)
     out = model(x, labels=x)
-    per_layer = [a.last.z_loss for a in handle.adapters]
+    per_layer = [r.z_loss for r in handle.routings()]
     assert handle.loss().item() == pytest.approx(sum(t.item() for t in per_layer))
     assert handle.z_loss().item() > 0
     assert out.loss.item() == pytest.approx(ref.item() + handle.loss().item(), rel=1e-6)
@@ -201,7 +201,7 @@ def test_checkpointed_recompute_routes_once():
     assert torch.equal(handle.step_loads(), ref_handle.step_loads())  # not counted twice
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert all(len(a._replay) == 0 for a in handle.adapters)
+    assert all(a.pending_replays == 0 for a in handle.adapters)
 
 
 # -- unpatch --------------------------------------------------------------------------------
@@ -482,3 +482,29 @@ def test_every_balancer_trains_steps_and_round_trips_its_state(balancer):
     clone_handle.load_state_dict(model.state_dict())  # a full model state dict works too
     for key, value in state.items():
         assert torch.equal(clone_handle.state_dict()[key], value), key
+
+
+def test_a_forward_that_fails_changes_no_balancer_state():
+    """The layers' balancer updates wait for the end of the model's forward: a later layer's
+    NaN logits leave the earlier layers' state (and the record) as they were."""
+    from moebal.routing import NonFiniteLogits
+
+    model = tiny().train()
+    handle = patch_model(model, balancer="bip")
+    x = tokens()
+    model(x)
+    state = {k: v.clone() for k, v in handle.state_dict().items()}
+    loads, step_loads = handle.loads(), handle.step_loads()
+    gate = gates(model)[1]
+    saved = gate.weight.detach().clone()
+    with torch.no_grad():
+        gate.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogits):
+        model(tokens(seed=4))
+    for key, value in state.items():
+        assert torch.equal(handle.state_dict()[key], value), key
+    assert torch.equal(handle.loads(), loads) and torch.equal(handle.step_loads(), step_loads)
+    with torch.no_grad():
+        gate.weight.copy_(saved)
+    model(tokens(seed=4))  # the next forward starts afresh
+    assert int(handle.step_loads().sum()) == 2 * int(step_loads.sum())

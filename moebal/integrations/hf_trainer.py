@@ -58,11 +58,11 @@ class MoebalCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._bind(model)
-        for adapter in self.handle.adapters:
-            adapter.step_loads_E = None  # count only what this training routes
+        self.handle.discard_step_loads()  # count only what this training routes
+        for router in self.handle.routers:
             # the Trainer steps the balancers: no implicit step per forward, even before
             # the first optimizer step (Router's default without a training loop)
-            adapter.router._explicit_steps = True
+            router.auto_step = False
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.tracker is None:
