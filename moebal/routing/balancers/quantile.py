@@ -102,8 +102,9 @@ class QuantileBalancer(Balancer):
 
     As in Megatron-LM it works on the logits l (float32), not on the scores: beta is in
     logit units. Each micro-batch is routed with the beta of earlier steps; in training
-    mode with gradients enabled (Megatron-LM's rule: a ``no_grad`` forward estimates
-    nothing) it adds its part of the next estimate to an accumulator, and at ``step()``
+    mode it adds its part of the next estimate to an accumulator (with or without
+    gradients: under a reentrant activation checkpoint the forward that counts runs in
+    ``no_grad``, and the recompute never updates), and at ``step()``
     (once per optimizer step) the estimate becomes ``beta <- ema * beta + (1 - ema) * est``
     with ``ema = options.ema`` (0 = take the new estimate), centred (mean 0). No
     ``max(0, .)`` clip: experts below their share get a negative beta. ``options.mode``:
@@ -177,7 +178,7 @@ class QuantileBalancer(Balancer):
         logits_TE = ctx.logits_TE.detach().float()
         allowed_TE = ctx.allowed_TE
         T, E = logits_TE.shape
-        if not (self.training and torch.is_grad_enabled()) or top_k >= E:
+        if not self.training or top_k >= E:
             y_TE = torch.sub(logits_TE, self.beta_E, out=self._ws.get("y_TE", (T, E), logits_TE))
             if allowed_TE is not None:
                 y_TE.masked_fill_(~allowed_TE, float("-inf"))
@@ -247,7 +248,7 @@ class QuantileBalancer(Balancer):
         values_ET, sizes = all_gather_columns(self.pending_ET, group, fill=float("-inf"))
         tokens = sum(sizes)
         self._buffers["pending_ET"] = self.pending_ET.new_zeros(self.pending_ET.shape[0], 0)
-        moved = torch.tensor(tokens > 0)
+        moved = torch.tensor(tokens > 0, device=self.beta_E.device)
         if tokens == 0:
             return self.beta_E, moved
         est_E = kth_largest(values_ET, (tokens * self.config.top_k) // values_ET.shape[0] + 1, 1)
