@@ -45,3 +45,23 @@ def test_bad_trace_and_sizes_are_reported(tmp_path, capsys):
         load_trace(str(path))
     assert main(["bench", "schedule", "--sizes", "8by64", *QUICK]) == 2
     assert "GPUSxEXPERTS" in capsys.readouterr().err
+
+
+_BENCH_JSON = """
+import argparse, sys
+from moebal.bench.schedule import add_arguments, run
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+sys.exit(run(parser.parse_args(sys.argv[1:])))
+"""
+
+
+def test_json_on_stdout_is_only_json():
+    """HiGHS prints a banner when a process builds its first solver: it must not land on stdout."""
+    import subprocess
+    import sys
+
+    args = ["--json", "--sizes", "8x16", *QUICK]
+    done = subprocess.run([sys.executable, "-c", _BENCH_JSON, *args], capture_output=True,
+                          text=True, check=True, timeout=120)
+    assert len(json.loads(done.stdout)["rows"]) == 6

@@ -20,7 +20,8 @@ from moebal.schedule import (
     subset_density,
     symmetric,
 )
-from moebal.schedule.placement import _pack, _replica_counts
+from moebal.schedule.placements.packing import pack as _pack
+from moebal.schedule.placements.packing import replica_counts as _replica_counts
 
 
 def _zipf(rng, E, a, total):

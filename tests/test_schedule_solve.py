@@ -20,7 +20,7 @@ from moebal.schedule import (
     symmetric,
 )
 from moebal.schedule.highs import highs_makespan_lp
-from moebal.schedule.solve import _split_sends
+from moebal.schedule.locality import split_sends as _split_sends
 
 
 @st.composite
@@ -119,7 +119,7 @@ def locality_is_exact_and_never_worse_than_naive(inst):
     assert h.makespan == s.makespan and h.tokens_moved == s.tokens_moved
     # never worse than ignoring locality: the makespan-only plan, split local-first ...
     plain = solve_schedule(p, loads_E)
-    idx = p._index
+    idx = p.slots
     _, naive_local_first = _split_sends(p, plain.x_EG[idx.expert_N, idx.gpu_N], loads_SE)
     assert s.tokens_moved <= naive_local_first
     # ... or matched source-by-source to GPU-by-GPU without looking for local tokens
@@ -295,3 +295,18 @@ def test_scheduler_registry():
     assert set(METHODS) == {"flow", "highs"} and set(SCHEDULERS) >= set(METHODS)
     with pytest.raises(ValueError, match="already registered"):
         register_scheduler("flow")(lambda *a: None)
+
+
+def test_a_total_beyond_int64_is_named_exactly():
+    p = symmetric(4, 8, 4)
+    near = 2**62 - 1  # eight of them wrap an int64 sum around
+    with pytest.raises(ValueError, match=f"total load {8 * near} is too large"):
+        solve_schedule(p, np.full(8, near, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"total load {32 * 2**61} is too large"):
+        solve_schedule(p, np.full((4, 8), 2**61, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"total load {8 * 2**63} is too large"):
+        solve_schedule(p, np.full(8, 2**63, dtype=np.uint64))
+    with pytest.raises(ValueError, match=f"total load {8 * near} must stay below"):
+        densest_subset(p, np.full(8, near, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"total load {8 * near} of the history"):
+        build_placement("eplb", 4, 8, 4, loads_E=np.full(8, near, dtype=np.int64))

@@ -21,9 +21,14 @@ import os
 import platform
 import statistics
 import time
+import zipfile
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from moebal.schedule import build_placement, even_split_makespan, solve_schedule, standard
+from moebal.schedule.highs import highs_makespan_lp
+from moebal.schedule.locality import split_sends
 
 SIZES = ((8, 64), (64, 256), (256, 1024))
 REPLICAS = (2, 4)
@@ -67,17 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_CLOCK: Callable[[], float] = time.perf_counter
-_STAT: Callable[[list[float]], float] = statistics.median
+Timing = tuple[Callable[[], float], Callable[[list[float]], float]]  # (clock, summary)
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+def _timing(args: argparse.Namespace) -> Timing:
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    return clock, (min if args.stat == "min" else statistics.median)
+
+
+def _timed(fn: Callable[[], Any], repeats: int, timing: Timing) -> tuple[float, Any]:
+    clock, stat = timing
     times, out = [], None
     for _ in range(repeats):
-        t0 = _CLOCK()
+        t0 = clock()
         out = fn()
-        times.append(_CLOCK() - t0)
-    return _STAT(times), out
+        times.append(clock() - t0)
+    return stat(times), out
 
 
 def _zipf_popularity(rng: np.random.Generator, E: int, exponent: float) -> np.ndarray:
@@ -93,10 +103,21 @@ def load_trace(path: str) -> np.ndarray:
     """Micro-batch loads [M, E] from a trace .npz (`counts` [S, L, E] or [S, L, shards, E])."""
     if not os.path.isfile(path):
         raise ValueError(f"trace file not found: {path}")
-    with np.load(path) as data:
-        if "counts" not in data:
-            raise ValueError(f"trace {path} has no array `counts` (found {sorted(data.files)})")
-        counts = np.asarray(data["counts"])
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"trace {path} is not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "counts" not in data:
+                raise ValueError(f"trace {path} has no array `counts` (found {sorted(data.files)})")
+            counts = np.asarray(data["counts"])
+    except ValueError as exc:
+        if str(exc).startswith(f"trace {path} "):
+            raise
+        raise ValueError(f"cannot read trace {path}: {exc}") from exc
+    except Exception as exc:  # a damaged archive fails inside numpy, zipfile or zlib
+        raise ValueError(
+            f"cannot read trace {path}: damaged or not an .npz ({type(exc).__name__})"
+        ) from exc
     if counts.ndim == 4:
         counts = counts.sum(2)
     if counts.ndim != 3 or not np.issubdtype(counts.dtype, np.integer):
@@ -125,26 +146,15 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 def run_bench(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from moebal.schedule import (
-        build_placement,
-        even_split_makespan,
-        solve_schedule,
-        standard,
-    )
-    from moebal.schedule.highs import highs_makespan_lp
-
-    global _CLOCK, _STAT
-    _CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    _STAT = min if args.stat == "min" else statistics.median
     for name in ("instances", "repeats", "highs_repeats", "tokens_per_gpu"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    timing = _timing(args)
     rng = np.random.default_rng(args.seed)
     trace = load_trace(args.trace) if args.trace else None
     sizes = _parse_sizes(args.sizes)
     if trace is not None:
         sizes = [(g, int(trace.shape[1])) for g, _ in sizes]
-    rows: list[dict[str, Any]] = []
     plan = [
         (G, E, r, z)
         for G, E in sizes
@@ -152,60 +162,13 @@ def run_bench(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]
         for z in ((None,) if trace is not None else ZIPF)
         if r <= G and (E * r) % G == 0
     ]
-    for G, E, r, z in tqdm(plan, desc="bench schedule", disable=not progress):
-        slots = E * r // G
-        placement = build_placement("symmetric", G, E, slots, seed=args.seed)
-        try:
-            baseline = standard(G, E, slots)
-        except ValueError:
-            baseline = None
-        # pairs of consecutive micro-batches: (instance, the next one, for the warm start)
-        pairs = []
-        for i in range(args.instances):
-            if trace is not None:
-                j = int(i * (len(trace) - 1) // max(args.instances, 1))
-                pairs.append((trace[j], trace[min(j + 1, len(trace) - 1)]))
-            else:  # same expert popularity, fresh tokens
-                p = _zipf_popularity(rng, E, z)
-                total = G * args.tokens_per_gpu
-                pairs.append((rng.multinomial(total, p), rng.multinomial(total, p)))
-        t_ours, t_warm, t_highs = [], [], []
-        equal, span_ratio, std_ratio = 0, [], []
-        for cur, nxt in pairs:
-            t, sched = _timed(lambda: solve_schedule(placement, cur), args.repeats)
-            t_ours.append(t)
-            tw, _ = _timed(
-                lambda: solve_schedule(placement, nxt, prev=sched), args.repeats
-            )
-            t_warm.append(tw)
-            th, (optimum, _) = _timed(
-                lambda: highs_makespan_lp(placement, cur), args.highs_repeats
-            )
-            t_highs.append(th)
-            equal += int(sched.makespan == max(0, math.ceil(optimum - 1e-6)))
-            total = int(cur.sum())
-            if total > 0:
-                span_ratio.append(sched.makespan / (total / G))
-                if baseline is not None:
-                    std_ratio.append(sched.makespan / even_split_makespan(baseline, cur))
-        rows.append(
-            {
-                "gpus": G,
-                "experts": E,
-                "replicas": r,
-                "loads": "trace" if z is None else f"zipf {z}",
-                "ours_ms": statistics.median(t_ours) * 1e3,
-                "ours_warm_ms": statistics.median(t_warm) * 1e3,
-                "highs_ms": statistics.median(t_highs) * 1e3,
-                "speedup": statistics.median(t_highs) / statistics.median(t_ours),
-                "makespan_equal": f"{equal}/{args.instances}",
-                "vs_balance": statistics.mean(span_ratio) if span_ratio else float("nan"),
-                "vs_standard": statistics.mean(std_ratio) if std_ratio else float("nan"),
-            }
-        )
+    rows = [
+        _makespan_row(args, timing, rng, trace, G, E, r, z)
+        for G, E, r, z in tqdm(plan, desc="bench schedule", disable=not progress)
+    ]
     locality: list[dict[str, Any]] = []
     if not args.no_locality:
-        locality = _locality_rows(args, sizes, rng, trace, progress)
+        locality = _locality_rows(args, timing, sizes, rng, trace, progress)
     return {
         "command": "moebal bench schedule",
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
@@ -217,8 +180,79 @@ def run_bench(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]
     }
 
 
+def _micro_batch_pairs(
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    trace: Optional[np.ndarray],
+    G: int,
+    E: int,
+    z: Optional[float],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pairs of consecutive micro-batches [E]: (instance, the next one, for the warm start)."""
+    pairs = []
+    for i in range(args.instances):
+        if trace is not None:
+            j = int(i * (len(trace) - 1) // max(args.instances, 1))
+            pairs.append((trace[j], trace[min(j + 1, len(trace) - 1)]))
+        else:  # same expert popularity, fresh tokens
+            p = _zipf_popularity(rng, E, z)
+            total = G * args.tokens_per_gpu
+            pairs.append((rng.multinomial(total, p), rng.multinomial(total, p)))
+    return pairs
+
+
+def _makespan_row(
+    args: argparse.Namespace,
+    timing: Timing,
+    rng: np.random.Generator,
+    trace: Optional[np.ndarray],
+    G: int,
+    E: int,
+    r: int,
+    z: Optional[float],
+) -> dict[str, Any]:
+    """One row of the first table: G GPUs, E experts, r replicas, Zipf ``z`` (None: trace)."""
+    slots = E * r // G
+    placement = build_placement("symmetric", G, E, slots, seed=args.seed)
+    try:
+        baseline = standard(G, E, slots)
+    except ValueError:
+        baseline = None
+    t_ours, t_warm, t_highs = [], [], []
+    equal, span_ratio, std_ratio = 0, [], []
+    for cur, nxt in _micro_batch_pairs(args, rng, trace, G, E, z):
+        t, sched = _timed(lambda: solve_schedule(placement, cur), args.repeats, timing)
+        t_ours.append(t)
+        tw, _ = _timed(lambda: solve_schedule(placement, nxt, prev=sched), args.repeats, timing)
+        t_warm.append(tw)
+        th, (optimum, _) = _timed(
+            lambda: highs_makespan_lp(placement, cur), args.highs_repeats, timing
+        )
+        t_highs.append(th)
+        equal += int(sched.makespan == max(0, math.ceil(optimum - 1e-6)))
+        total = int(cur.sum())
+        if total > 0:
+            span_ratio.append(sched.makespan / (total / G))
+            if baseline is not None:
+                std_ratio.append(sched.makespan / even_split_makespan(baseline, cur))
+    return {
+        "gpus": G,
+        "experts": E,
+        "replicas": r,
+        "loads": "trace" if z is None else f"zipf {z}",
+        "ours_ms": statistics.median(t_ours) * 1e3,
+        "ours_warm_ms": statistics.median(t_warm) * 1e3,
+        "highs_ms": statistics.median(t_highs) * 1e3,
+        "speedup": statistics.median(t_highs) / statistics.median(t_ours),
+        "makespan_equal": f"{equal}/{args.instances}",
+        "vs_balance": statistics.mean(span_ratio) if span_ratio else float("nan"),
+        "vs_standard": statistics.mean(std_ratio) if std_ratio else float("nan"),
+    }
+
+
 def _locality_rows(
     args: argparse.Namespace,
+    timing: Timing,
     sizes: list[tuple[int, int]],
     rng: np.random.Generator,
     trace: Optional[np.ndarray],
@@ -226,16 +260,13 @@ def _locality_rows(
 ) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from moebal.schedule import build_placement, solve_schedule
-    from moebal.schedule.solve import _split_sends
-
     out = []
     plan = [
         (G, E, r) for G, E in sizes if G <= 64 for r in REPLICAS if r <= G and (E * r) % G == 0
     ]
     for G, E, r in tqdm(plan, desc="bench locality", disable=not progress):
         placement = build_placement("symmetric", G, E, E * r // G, seed=args.seed)
-        idx = placement._index
+        idx = placement.slots
         t_ours, t_highs, moved, moved_h, naive, total = [], [], [], [], [], 0
         for i in range(max(1, args.instances // 2)):
             if trace is not None:
@@ -243,14 +274,16 @@ def _locality_rows(
             else:
                 loads_E = _zipf_loads(rng, E, 1.0, G * args.tokens_per_gpu)
             # tokens of every expert come from uniformly random source GPUs
-            loads_SE = np.stack([rng.multinomial(int(n), np.full(G, 1.0 / G)) for n in loads_E], 1)
-            t, sched = _timed(lambda: solve_schedule(placement, loads_SE), args.repeats)
+            loads_RE = np.stack([rng.multinomial(int(n), np.full(G, 1.0 / G)) for n in loads_E], 1)
+            t, sched = _timed(lambda: solve_schedule(placement, loads_RE), args.repeats, timing)
             th, ref = _timed(
-                lambda: solve_schedule(placement, loads_SE, method="highs"), args.highs_repeats
+                lambda: solve_schedule(placement, loads_RE, method="highs"),
+                args.highs_repeats,
+                timing,
             )
-            plain = solve_schedule(placement, loads_SE.sum(0))
-            _, naive_moved = _split_sends(
-                placement, plain.x_EG[idx.expert_N, idx.gpu_N], loads_SE
+            plain = solve_schedule(placement, loads_RE.sum(0))
+            _, naive_moved = split_sends(
+                placement, plain.x_EG[idx.expert_N, idx.gpu_N], loads_RE
             )
             t_ours.append(t)
             t_highs.append(th)

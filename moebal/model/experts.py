@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebal.model.dispatch import LocalDispatcher
 from moebal.routing import Routing
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -146,21 +147,9 @@ class GroupedExperts(nn.Module):
         return grouped_matmul(F.silu(h1_NF) * h3_NF, self.w2_EFD, offsets_E, counts_E)
 
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        T, D = x_TD.shape
-        K = routing.indices_TK.shape[1]
-        expert_TK = routing.indices_TK.reshape(-1)  # the T*K slots flattened, token-major
-        if bool(routing.kept_TK.all()):  # dropless
-            slot_N = torch.argsort(expert_TK, stable=True)
-        else:  # capacity dropped some slots: sort only the kept ones
-            kept_N = torch.nonzero(routing.kept_TK.reshape(-1)).squeeze(1)
-            slot_N = kept_N[torch.argsort(expert_TK[kept_N], stable=True)]
-        counts_E = torch.bincount(expert_TK[slot_N], minlength=self.num_experts)
-        token_N = torch.div(slot_N, K, rounding_mode="floor")
-
-        y_ND = self.run_sorted(x_TD.index_select(0, token_N), counts_E)
-        y_ND = y_ND * routing.weights_TK.reshape(-1)[slot_N].to(y_ND.dtype).unsqueeze(1)
-        out_TD = y_ND.new_zeros(T, D).index_add_(0, token_N, y_ND)
-        return out_TD.to(x_TD.dtype)
+        dispatcher = LocalDispatcher(self.num_experts)  # sort by expert (moebal.model.dispatch)
+        x_ND, counts_E, meta = dispatcher.dispatch(x_TD, routing)
+        return dispatcher.combine(self.run_sorted(x_ND, counts_E), meta)
 
 
 __all__ = ["GroupedExperts", "grouped_matmul", "grouped_mm_works", "padded_bmm"]

@@ -95,6 +95,20 @@ def init_distributed(
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def world_from_env() -> tuple[int, int]:
+    """``(rank, world_size)``: the process group's when one is started, else torchrun's
+    environment (RANK, WORLD_SIZE; 0 and 1 without a launcher)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(
+            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+            f"are not integers"
+        ) from None
+
+
 def new_group(ranks: Sequence[int]) -> Optional[dist.ProcessGroup]:
     """``dist.new_group`` with this run's timeout. Every rank must call it, in the same order."""
     with collective(f"new_group({list(ranks)})"):
@@ -113,23 +127,23 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(x_ND, output_splits, input_splits, group, what)
 
     @staticmethod
-    def backward(ctx, grad_MD):  # type: ignore[override]
+    def backward(ctx, grad_recv_ND):  # type: ignore[override]
         output_splits, input_splits = ctx.splits
         grad_ND = _all_to_all(
-            grad_MD, input_splits, output_splits, ctx.group, ctx.what + " (backward)"
+            grad_recv_ND, input_splits, output_splits, ctx.group, ctx.what + " (backward)"
         )
         return grad_ND, None, None, None, None
 
 
 def _all_to_all(x_ND, output_splits, input_splits, group, what):
     x_ND = x_ND.contiguous()
-    out_MD = x_ND.new_empty((int(sum(output_splits)),) + tuple(x_ND.shape[1:]))
+    out_recv_ND = x_ND.new_empty((int(sum(output_splits)),) + tuple(x_ND.shape[1:]))
     with collective(what, group):
         dist.all_to_all_single(
-            out_MD, x_ND, list(map(int, output_splits)), list(map(int, input_splits)),
+            out_recv_ND, x_ND, list(map(int, output_splits)), list(map(int, input_splits)),
             group=group,
         )
-    return out_MD
+    return out_recv_ND
 
 
 def all_to_all(

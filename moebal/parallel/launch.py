@@ -1,9 +1,11 @@
-"""Starting processes: ``spawn`` runs a function on N local ranks (tests, notebooks), and
-``torchrun_command`` builds the command line ``moebal train --nproc N`` runs.
+"""Starting processes: ``spawn`` runs a function on N local ranks (tests, notebooks),
+``torchrun_command`` builds the command line ``moebal train --nproc N`` runs, and
+``reported_once`` makes bad input on the ranks of a launch one message, not one per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue as queue_mod
@@ -13,9 +15,15 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-from moebal.parallel.comm import DEFAULT_TIMEOUT_S
+from moebal.fileio import atomic_write_text
+from moebal.parallel.comm import DEFAULT_TIMEOUT_S, world_from_env
+
+# set by `moebal train --nproc N` for its ranks: the folder where a rank that stops on bad
+# input leaves its message, for the launching process to print once
+ERRORS_ENV = "MOEBAL_LAUNCH_ERRORS"
 
 
 @dataclass
@@ -88,6 +96,41 @@ def _context():
     return mp.get_context("spawn")
 
 
+def _collect(procs: list, results_q: Any, timeout_s: float) -> dict[int, WorkerResult]:
+    """Every rank's result off the queue: what it sent, else ProcessDied (it exited without
+    a result) or Timeout (still running after ``timeout_s``)."""
+    got: dict[int, WorkerResult] = {}
+
+    def drain() -> None:
+        try:
+            while True:
+                rank, ok, value, etype, text = results_q.get_nowait()
+                got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
+        except queue_mod.Empty:
+            pass
+
+    deadline = time.monotonic() + timeout_s
+    while len(got) < len(procs) and time.monotonic() < deadline:
+        try:
+            rank, ok, value, etype, text = results_q.get(timeout=0.2)
+            got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
+        except queue_mod.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+            for r in dead:  # exited without a result (killed, segfault): say so
+                time.sleep(0.2)  # its result may still be in flight
+                drain()
+                if r not in got:
+                    got[r] = WorkerResult(
+                        r, False, error_type="ProcessDied",
+                        error=f"process exited with code {procs[r].exitcode} without a result",
+                    )
+    for r in range(len(procs)):
+        if r not in got:
+            got[r] = WorkerResult(r, False, error_type="Timeout",
+                                  error=f"rank {r} did not finish within {timeout_s:g} s")
+    return got
+
+
 def spawn(
     fn: Callable[..., Any],
     nprocs: int,
@@ -125,34 +168,7 @@ def spawn(
     try:
         for p in procs:
             p.start()
-        got: dict[int, WorkerResult] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(got) < nprocs and time.monotonic() < deadline:
-            try:
-                rank, ok, value, etype, text = results_q.get(timeout=0.2)
-                got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if r not in got and p.exitcode is not None]
-                for r in dead:  # exited without a result (killed, segfault): say so
-                    time.sleep(0.2)  # its result may still be in flight
-                    try:
-                        while True:
-                            rank, ok, value, etype, text = results_q.get_nowait()
-                            got[rank] = WorkerResult(rank, ok, _loads(value), etype, text)
-                    except queue_mod.Empty:
-                        pass
-                    if r not in got:
-                        got[r] = WorkerResult(
-                            r, False, error_type="ProcessDied",
-                            error=f"process exited with code {procs[r].exitcode} without a result",
-                        )
-        for r in range(nprocs):
-            if r not in got:
-                got[r] = WorkerResult(
-                    r, False, error_type="Timeout",
-                    error=f"rank {r} did not finish within {timeout_s:g} s",
-                )
+        got = _collect(procs, results_q, timeout_s)
     finally:
         for p in procs:
             if p.pid is None:  # never started
@@ -181,3 +197,39 @@ def torchrun_command(nproc: int, module: str, argv: Sequence[str],
         python or sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", module, *argv,
     ]
+
+
+@contextlib.contextmanager
+def reported_once() -> Iterator[None]:
+    """Bad input (ValueError) on the ranks of a launch, reported once.
+
+    Every rank checks the same things and raises the same error. Started by ``moebal train
+    --nproc N`` (``MOEBAL_LAUNCH_ERRORS`` set), each rank leaves its message in that folder
+    and exits 0, so that torchrun stays quiet, and the launching process prints the lowest
+    rank's message and exits 2 (:func:`first_rank_error`). Under a torchrun started by
+    hand, rank 0 raises (``moebal`` prints it and exits 2) and the other ranks exit 2
+    without a word.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        rank = world_from_env()[0]
+        errors = os.environ.get(ERRORS_ENV)
+        if errors:
+            atomic_write_text(Path(errors) / f"rank{rank}.txt", str(exc))
+            raise SystemExit(0) from None
+        if rank == 0:
+            raise
+        raise SystemExit(2) from None
+
+
+def first_rank_error(errors: str | os.PathLike) -> Optional[str]:
+    """The message the lowest rank left in the folder ``errors`` (see
+    :func:`reported_once`), or None when no rank stopped on bad input."""
+    found = []
+    for path in Path(errors).glob("rank*.txt"):
+        try:
+            found.append((int(path.stem[len("rank"):]), path.read_text(encoding="utf-8")))
+        except ValueError:  # not a file of ours
+            continue
+    return min(found)[1] if found else None

@@ -33,7 +33,8 @@ def _positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def check_sizes(world_size: int, ep_size: int, num_experts: int, sched_size: int | None = None) -> int:
+def check_sizes(world_size: int, ep_size: int, num_experts: int,
+                sched_size: int | None = None) -> int:
     """Validate the sizes of a run; returns the scheduling group size.
 
     Raises ValueError when the world does not split into EP groups, the experts do not split
@@ -64,7 +65,7 @@ def check_sizes(world_size: int, ep_size: int, num_experts: int, sched_size: int
 class ParallelLayout:
     """Expert slots of every rank of the world, with the groups derived from them.
 
-    ``experts_RS[r]`` lists the experts held by rank r's slots (S = E / P slots, distinct
+    ``experts_of_rank[r]`` lists the experts held by rank r's slots (E / P slots, distinct
     experts per rank). Build one with :meth:`from_placement`.
     """
 
@@ -72,7 +73,7 @@ class ParallelLayout:
     ep_size: int
     num_experts: int
     sched_size: int
-    experts_RS: tuple[tuple[int, ...], ...]
+    experts_of_rank: tuple[tuple[int, ...], ...]
 
     @classmethod
     def from_placement(
@@ -80,20 +81,20 @@ class ParallelLayout:
         world_size: int,
         ep_size: int,
         num_experts: int,
-        experts_GS: Sequence[Sequence[int]] | np.ndarray,
+        experts_of_gpu: Sequence[Sequence[int]] | np.ndarray,
         sched_size: int | None = None,
     ) -> "ParallelLayout":
         """Tile a placement over the world.
 
-        ``experts_GS[g]`` are the experts of GPU g of one scheduling group (G = sched_size
-        GPUs, S = num_experts / ep_size slots each). Raises ValueError naming the first thing
+        ``experts_of_gpu[g]`` are the experts of GPU g of one scheduling group (G = sched_size
+        GPUs, num_experts / ep_size slots each). Raises ValueError naming the first thing
         that does not fit: a GPU count other than the scheduling group's, a GPU with the wrong
         number of slots or a repeated expert, an expert id out of range, or an expert without
         a replica in the group.
         """
         sched_size = check_sizes(world_size, ep_size, num_experts, sched_size)
         slots = num_experts // ep_size
-        rows = [tuple(int(e) for e in row) for row in experts_GS]
+        rows = [tuple(int(e) for e in row) for row in experts_of_gpu]
         if len(rows) != sched_size:
             raise ValueError(
                 f"the placement covers {len(rows)} GPUs but the scheduling group has "
@@ -150,7 +151,7 @@ class ParallelLayout:
     @functools.cached_property
     def _replica_sets_E(self) -> tuple[tuple[int, ...], ...]:
         holders: list[list[int]] = [[] for _ in range(self.num_experts)]
-        for r, row in enumerate(self.experts_RS):
+        for r, row in enumerate(self.experts_of_rank):
             for e in row:
                 holders[e].append(r)
         return tuple(tuple(h) for h in holders)
@@ -164,25 +165,30 @@ class ParallelLayout:
         return sorted(set(self._replica_sets_E))
 
     def local_experts(self, rank: int) -> tuple[int, ...]:
-        return self.experts_RS[rank]
+        return self.experts_of_rank[rank]
 
-    def experts_GS(self) -> np.ndarray:
+    def experts_of_gpu(self) -> np.ndarray:
         """int64 [sched_size, slots]: the placement of one scheduling group."""
-        return np.asarray(self.experts_RS[: self.sched_size], dtype=np.int64).reshape(
+        return np.asarray(self.experts_of_rank[: self.sched_size], dtype=np.int64).reshape(
             self.sched_size, self.slots_per_rank
         )
 
     def holds_GE(self) -> np.ndarray:
         """bool [sched_size, E]: whether GPU g of a scheduling group holds expert e."""
         holds = np.zeros((self.sched_size, self.num_experts), dtype=bool)
-        for g, row in enumerate(self.experts_RS[: self.sched_size]):
+        for g, row in enumerate(self.experts_of_rank[: self.sched_size]):
             holds[g, list(row)] = True
         return holds
+
+    def single_replica(self) -> bool:
+        """Whether every expert has one replica per scheduling group (EP size = scheduling
+        group size, or a placement like it): every token then has one rank to go to."""
+        return bool((self.holds_GE().sum(axis=0) == 1).all())
 
     def is_standard(self) -> bool:
         """Whether every EP group holds every expert exactly once (Megatron EP x EDP)."""
         for group in self.ep_groups():
-            held = sorted(e for r in group for e in self.experts_RS[r])
+            held = sorted(e for r in group for e in self.experts_of_rank[r])
             if held != list(range(self.num_experts)):
                 return False
         return True

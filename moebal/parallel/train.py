@@ -34,7 +34,8 @@ import torch.distributed as dist
 from moebal.data import resolve_corpus
 from moebal.model import MoEModel, ModelConfig
 from moebal.parallel import comm
-from moebal.parallel.runtime import STAT_FIELDS, ExpertParallel, ParallelConfig, summarise
+from moebal.parallel.runtime import ExpertParallel, ParallelConfig
+from moebal.parallel.stats import STAT_FIELDS, summarize_rank_stats
 from moebal.train.config import TrainConfig, check_configs
 from moebal.train.context import resolve_device
 from moebal.train.results import StepStats, TrainResult
@@ -140,7 +141,7 @@ class ParallelTrainer(Trainer):
             "world_size": layout.world_size,
             "ep_size": layout.ep_size,
             "sched_size": layout.sched_size,
-            "experts": [list(row) for row in layout.experts_RS],
+            "experts": [list(row) for row in layout.experts_of_rank],
             "rank": self.ep.rank,
         }
 
@@ -190,18 +191,6 @@ def _in_turns(fn: Callable[[], T], first: bool) -> T:
     return value
 
 
-def _world_from_env() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(
-            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
-            f"are not integers"
-        ) from None
-
-
 def start_world(parallel: ParallelConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
                 timeout_s: float) -> torch.device:
     """Check the sizes (no collective yet: the same ValueError on every rank), then start
@@ -209,7 +198,7 @@ def start_world(parallel: ParallelConfig, model_cfg: ModelConfig, train_cfg: Tra
     if not isinstance(parallel, ParallelConfig):
         raise TypeError(f"parallel must be a ParallelConfig, got {type(parallel).__name__}")
     check_configs(model_cfg, train_cfg)
-    _, world = _world_from_env()
+    _, world = comm.world_from_env()
     ExpertParallel.validate(parallel, model_cfg.num_experts, world)  # pure: no collective
     check_parallel_train(train_cfg, world)
     device = resolve_device(train_cfg.device)
@@ -319,10 +308,11 @@ def parallel_config_dict(config: ParallelConfig) -> dict[str, Any]:
 
 
 def summarise_run(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
-    """The summary of a run's "parallel" records (see :func:`moebal.parallel.summarise`)."""
+    """The summary of a run's "parallel" records (see
+    :func:`moebal.parallel.summarize_rank_stats`)."""
     records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl")
                if r.get("type") == "parallel"]
-    return summarise(records)
+    return summarize_rank_stats(records)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

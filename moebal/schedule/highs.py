@@ -4,26 +4,58 @@ Stage 1, ``highs_makespan_lp``: ``min T`` s.t. ``sum_g x[e, g] = load_e``, ``sum
 over the replica slots: the LP optimum (a float) and the GPU rows' duals.
 Stage 2, ``highs_plan_lp``: at the integer capacity ``T = ceil(optimum)``, a transportation LP
 solved by simplex, whose vertices are integral (network matrix, integer data); with per-source
-loads it minimises the tokens computed away from their source GPU. Model building is part of
-every call, as it is for the flow solver.
+loads it minimises the tokens computed away from their source GPU. ``highs_optimal_plan``
+runs both and adds a certificate. Model building is part of every call, as it is for the
+flow solver.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
-from typing import TYPE_CHECKING, Optional
+import os
+import sys
+from typing import Optional
 
 import highspy
 import numpy as np
 
+from moebal.schedule.bounds import ceil_div, covered_load
 from moebal.schedule.placement import Placement
 
-if TYPE_CHECKING:  # pragma: no cover
-    from moebal.schedule.solve import Schedule
+
+_started = False
+
+
+def _first_highs() -> highspy.Highs:
+    """The process's first ``Highs()``, its banner sent to stderr instead of stdout.
+
+    HiGHS prints a banner when the first instance is built, before any option can silence
+    it; on stdout it would corrupt ``--json`` output. File descriptor 1 points at stderr for
+    that one construction (C stdio flushed before it is restored).
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no stdout or stderr to redirect: nothing to protect
+        return highspy.Highs()
+    try:
+        h = highspy.Highs()
+        try:
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError, TypeError):  # no C library handle on this platform
+            pass
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return h
 
 
 def _highs() -> highspy.Highs:
-    h = highspy.Highs()
+    global _started
+    h = highspy.Highs() if _started else _first_highs()
+    _started = True
     h.setOptionValue("output_flag", False)
     h.setOptionValue("solver", "simplex")
     h.setOptionValue("random_seed", 0)
@@ -65,7 +97,7 @@ def _solve(
 
 def _slot_columns(placement: Placement, copies: int) -> tuple[np.ndarray, np.ndarray]:
     """Column starts and row indices for ``copies`` blocks of slot columns (expert row, GPU row)."""
-    idx = placement._index
+    idx = placement.slots
     E = placement.num_experts
     N = len(idx.expert_N)
     rows = np.empty(2 * N, dtype=np.int32)
@@ -77,7 +109,7 @@ def _slot_columns(placement: Placement, copies: int) -> tuple[np.ndarray, np.nda
 def highs_makespan_lp(placement: Placement, loads_E: np.ndarray) -> tuple[float, np.ndarray]:
     """(LP optimum, |dual| of each GPU row [G]) of the makespan LP, built and solved in HiGHS."""
     E, G = placement.num_experts, placement.num_gpus
-    N = len(placement._index.expert_N)
+    N = len(placement.slots.expert_N)
     index, start = _slot_columns(placement, 1)
     index = np.concatenate([index, E + np.arange(G, dtype=np.int32)])
     start = np.concatenate([start, [2 * N + G]]).astype(np.int32)
@@ -102,26 +134,26 @@ def highs_makespan_lp(placement: Placement, loads_E: np.ndarray) -> tuple[float,
 
 
 def highs_plan_lp(
-    placement: Placement, loads_E: np.ndarray, T: int, loads_SE: Optional[np.ndarray] = None
+    placement: Placement, loads_E: np.ndarray, T: int, loads_RE: Optional[np.ndarray] = None
 ) -> Optional[np.ndarray]:
     """An integral plan x_N at GPU capacity T (None if infeasible).
 
-    With ``loads_SE`` [G, E]: every slot gets a local column (upper bound = the tokens its GPU
+    With ``loads_RE`` [R = G, E]: every slot gets a local column (upper bound = the tokens its GPU
     itself routed to the expert, cost 0) and a remote column (cost 1); the optimum minimises
     tokens moved.
     """
-    idx = placement._index
+    idx = placement.slots
     E, G = placement.num_experts, placement.num_gpus
     N = len(idx.expert_N)
-    copies = 1 if loads_SE is None else 2
+    copies = 1 if loads_RE is None else 2
     index, start = _slot_columns(placement, copies)
     value = np.ones(2 * N * copies)
-    if loads_SE is None:
+    if loads_RE is None:
         cost = np.zeros(N)
         upper = np.full(N, highspy.kHighsInf)
     else:
         cost = np.concatenate([np.zeros(N), np.ones(N)])
-        local_N = np.asarray(loads_SE)[idx.gpu_N, idx.expert_N].astype(np.float64)
+        local_N = np.asarray(loads_RE)[idx.gpu_N, idx.expert_N].astype(np.float64)
         upper = np.concatenate([local_N, np.full(N, highspy.kHighsInf)])
     loads = np.asarray(loads_E, dtype=np.float64)
     h = _solve(
@@ -141,49 +173,31 @@ def highs_plan_lp(
     if np.abs(sol - x).max(initial=0.0) > 1e-6:
         raise RuntimeError("HiGHS returned a fractional vertex for a transportation LP")
     x = x.astype(np.int64)
-    return x if loads_SE is None else x[:N] + x[N:]
+    return x if loads_RE is None else x[:N] + x[N:]
 
 
-def highs_schedule(
-    placement: Placement, loads_E: np.ndarray, loads_SE: Optional[np.ndarray]
-) -> "Schedule":
-    """The full reference schedule (see the module docstring); validated inputs."""
-    from moebal.schedule.solve import (
-        Schedule,
-        _ceil_div,
-        _covered_load,
-        _simple_bound,
-        _split_sends,
-        _to_dense,
-    )
-
-    idx = placement._index
+def highs_optimal_plan(
+    placement: Placement, loads_E: np.ndarray, loads_RE: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(x_N, critical GPUs): the reference plan of makespan ``ceil(LP optimum)`` and a GPU set
+    certifying it, from validated int64 loads (``loads_RE`` [R = G, E] adds the locality
+    objective). The certificate is the best level set of the GPU rows' duals (a densest set
+    is one of them).
+    """
+    idx = placement.slots
     G = placement.num_gpus
-    lower, _ = _simple_bound(idx, loads_E, G)
     optimum, duals_G = highs_makespan_lp(placement, loads_E)
     T = max(0, math.ceil(optimum - 1e-6))
-    x_N = highs_plan_lp(placement, loads_E, T, loads_SE)
+    x_N = highs_plan_lp(placement, loads_E, T, loads_RE)
     while x_N is None:  # the float optimum was a hair low
         T += 1
-        x_N = highs_plan_lp(placement, loads_E, T, loads_SE)
-    # certificate: the best level set of the GPU duals (a densest set is one of them)
+        x_N = highs_plan_lp(placement, loads_E, T, loads_RE)
     order = np.lexsort((np.arange(G), -duals_G))
     best, best_k = -1, G
     for k in range(1, G + 1):
         mask = np.zeros(G, dtype=bool)
         mask[order[:k]] = True
-        value = _ceil_div(_covered_load(idx, loads_E, mask), k)
+        value = ceil_div(covered_load(idx, loads_E, mask), k)
         if value > best:
             best, best_k = value, k
-    tokens_moved = sends = None
-    if loads_SE is not None:
-        sends, tokens_moved = _split_sends(placement, x_N, loads_SE)
-    return Schedule(
-        x_EG=_to_dense(placement, x_N),
-        makespan=int(np.bincount(idx.gpu_N, weights=x_N, minlength=G).max(initial=0)),
-        lower_bound=int(lower),
-        critical_gpus=tuple(sorted(int(g) for g in order[:best_k])),
-        tokens_moved=tokens_moved,
-        sends=sends,
-        method="highs",
-    )
+    return x_N, tuple(sorted(int(g) for g in order[:best_k]))

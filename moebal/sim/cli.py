@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from moebal.fileio import atomic_write_json
 from moebal.sim.cost import HARDWARE, CostModel, ModelShape, calibrate, expert_flops_per_token
+from moebal.sim.plots import plot_run, plot_sweep
 from moebal.sim.simulate import simulate
 from moebal.sim.systems import SYSTEMS, Cluster
+from moebal.sim.tables import print_sweep, print_table, print_validation
 from moebal.sim.trace import GENERATORS, Trace, generate_trace, load_trace, microbatches
+from moebal.sim.validate import read_calibration, read_records, validate
 
 SWEEP_GPUS = (8, 32, 64, 256, 1024)
 SWEEP_EXPERTS = (64, 256, 1024)
@@ -116,41 +120,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-def _calibration_pairs(path: Path, d_model: int, ffn_hidden: int, passes: str):
-    """(tokens, seconds) pairs from JSON/JSONL records: tokens in ``tokens_computed`` or
-    ``tokens`` or ``T``; seconds in ``t_compute`` or ``seconds`` or ``fwd_bwd_s``/``fwd_s``
-    (by ``passes``). Records carrying ``D``/``F`` of another shape are skipped; a JSON object
-    with a ``rows`` list is read as its rows."""
-    if not path.is_file():
-        raise ValueError(f"calibration file not found: {str(path)!r}")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-        items = data.get("rows", [data]) if isinstance(data, dict) else data
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"calibration file {str(path)!r} is neither JSON nor JSONL: {exc}") from exc
-    tokens, secs = [], []
-    for r in items:
-        if not isinstance(r, dict):
-            continue
-        if ("D" in r and r["D"] != d_model) or ("F" in r and r["F"] != ffn_hidden):
-            continue
-        t = next((r[k] for k in ("tokens_computed", "tokens", "T") if k in r), None)
-        s = next((r[k] for k in ("t_compute", "seconds", f"{passes}_s") if k in r), None)
-        if t is not None and s is not None:
-            tokens.append(float(t))
-            secs.append(float(s))
-    if len(tokens) < 2:
-        raise ValueError(
-            f"calibration file {str(path)!r} has {len(tokens)} usable (tokens, seconds) records"
-            f" for D={d_model}, F={ffn_hidden}; need at least 2"
-        )
-    return tokens, secs
-
-
 def build_cost(args) -> tuple[CostModel, dict]:
     hw = HARDWARE[args.hardware]
     notes = {"hardware": args.hardware}
@@ -167,7 +136,7 @@ def build_cost(args) -> tuple[CostModel, dict]:
         changes["latency_s"] = args.latency_us * 1e-6
     shape = ModelShape(args.d_model, args.ffn_hidden, args.top_k, args.bytes_per_elem, args.seq_len)
     if args.calibrate is not None:
-        tokens, secs = _calibration_pairs(args.calibrate, args.d_model, args.ffn_hidden, args.passes)
+        tokens, secs = read_calibration(args.calibrate, args.d_model, args.ffn_hidden, args.passes)
         rate, c0 = calibrate(tokens, secs, expert_flops_per_token(args.d_model, args.ffn_hidden, args.passes))
         changes["rate"] = rate
         changes["compute_overhead_s"] = c0 / (3 if args.passes == "fwd_bwd" else 1)
@@ -240,7 +209,17 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
 def _labelled(path: Path) -> tuple[str, Trace]:
     """(label, trace): the file name, its folder when the name is the generic ``trace``, and
     the balancer recorded in the trace's metadata."""
-    trace = load_trace(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ValueError(f"trace {str(path)!r} is not an .npz archive")
+    try:
+        trace = load_trace(path)
+    except ValueError:
+        raise
+    except Exception as exc:  # a damaged archive fails inside numpy, zipfile or zlib
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"cannot read trace {str(path)!r}: damaged or not a trace ({type(exc).__name__}: {first})"
+        ) from exc
     label = f"{path.parent.name}/{path.stem}" if path.stem == "trace" and path.parent.name else path.stem
     balancer = trace.meta.get("balancer")
     if balancer:
@@ -274,42 +253,28 @@ def _synthetic(args, gpus: int, experts: int) -> Trace:
     )
 
 
-def _fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a writable folder, before anything runs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    parent = out
+    while not parent.exists():  # the folder is created later: look at what exists now
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is not a folder")
+    try:  # an unnamed file (O_TMPFILE where the system has it), gone once closed
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is not writable ({exc.strerror})") from exc
 
 
-def print_table(run: dict, file=None) -> None:
-    file = sys.stdout if file is None else file
-    print(f"\n{run['label']}: {run['gpus']} GPUs, {run['experts']} experts, top-{run['top_k']},"
-          f" {run['micro_batches']} steps x {run['layers']} layers (after {run['warmup']} warm-up steps);"
-          f" routing MaxVio_batch {run['max_vio_batch']:.3f}", file=file)
-    head = (f"{'system':<14}{'step ms':>9}{'Mtok/s':>9}{'vs EP':>8}{'vs std':>8}"
-            f"{'imb mean':>9}{'imb max':>9}{'moved%':>8}{'inter%':>8}{'sched ms':>9}")
-    print(head, file=file)
-    print("-" * len(head), file=file)
-    for r in run["summary"]:
-        print(
-            f"{r['system']:<14}{r['step_ms']:>9.2f}{r['tokens_per_s'] / 1e6:>9.2f}"
-            f"{_fmt(r['speedup_vs_plain_ep'], '.3f'):>8}{_fmt(r['speedup_vs_standard'], '.3f'):>8}"
-            f"{r['imbalance_mean']:>9.3f}{r['imbalance_max']:>9.3f}{100 * r['moved_frac']:>8.1f}"
-            f"{100 * r['inter_node_frac']:>8.1f}{r['sched_ms']:>9.3f}",
-            file=file,
-        )
-    for name, why in run["skipped"].items():
-        print(f"{name:<14}skipped: {why}", file=file)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
+def _write_results(out: Path, result: dict) -> Path:
+    path = out / "results.json"
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return atomic_write_json(path, result)
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 def _check_args(args) -> None:
@@ -332,92 +297,77 @@ def run(args) -> int:
         args.layers = 1 if args.sweep else 2
     _check_args(args)
     cost, notes = build_cost(args)
-    progress = not args.no_progress and not args.json
-
     if args.validate is not None:
-        from moebal.sim.validate import read_records, validate
-
-        out = validate(read_records(args.validate), cost)
-        if args.json:
-            print(json.dumps(out, indent=1))
-        else:
-            f = out["fitted"]
-            print(f"fitted on {out['steps_fit']} steps, evaluated on {out['steps_eval']}:")
-            link = f"{f['intra_bw_effective'] / 1e9:.3f} GB/s"
-            if f.get("bw_resolved") is False:
-                link = f"not resolved (time does not grow with volume; kept {link})"
-            print(f"  rate {f['rate_flops'] / 1e9:.2f} GFLOP/s, overhead {f['compute_overhead_s'] * 1e3:.3f} ms,"
-                  f" link {link}, latency {f['latency_s'] * 1e6:.1f} us")
-            base = out["baseline_mape"]
-            print("  mean abs error, model (predicting the mean of the fitted steps):")
-            for k, v in out["mape"].items():
-                print(f"  {k:<11} {_fmt(v, '.1f')}% ({_fmt(base[k], '.1f')}%)")
-            print(f"  slowest rank per step: {out['step_mape']:.1f}% ({base['step']:.1f}%)")
-        return 0
-
-    runs = []
+        return _run_validate(args, cost)
+    _check_out_dir(args.out)
+    progress = not args.no_progress and not args.json
     if args.sweep:
-        combos = []
-        if args.trace:
-            traces = [_labelled(p) for p in args.trace]
-            combos = [(label, tr, g) for label, tr in traces for g in args.sweep_gpus]
-        else:
-            combos = [(f"{args.synthetic} {g} GPUs x {e} experts", None, g, e)
-                      for e in args.sweep_experts for g in args.sweep_gpus]
-        flat = []
-        outer = None
-        if progress:
-            from tqdm import tqdm
+        return _run_sweep(args, cost, notes, progress)
+    return _run_single(args, cost, notes, progress)
 
-            outer = tqdm(combos, desc="sweep", unit="config")
-        skipped = []
-        for combo in (outer if outer is not None else combos):
-            if len(combo) == 3:
-                label, tr, g = combo
-            else:
-                label, _, g, e = combo
-                if e < args.top_k:
-                    skipped.append({"label": label, "reason": f"top-k {args.top_k} > {e} experts"})
-                    continue
-                tr = None
-            try:
-                Cluster(g, tr.num_experts if tr is not None else e, args.ep, args.sched_group)
-                r = _one(tr if tr is not None else _synthetic(args, g, e), label, g, args, cost, False,
-                         synthetic=tr is None)
-            except ValueError as exc:
-                skipped.append({"label": label, "reason": str(exc)})
-                continue
-            runs.append(r)
-            for row in r["summary"]:
-                flat.append({"gpus": g, "experts": r["experts"], **row})
-        result = {"args": _args_dict(args), "cost": _cost_dict(cost), "notes": notes,
-                  "sweep": flat, "skipped_configs": skipped,
-                  "runs": [{k: v for k, v in r.items() if k != "series"} for r in runs]}
-        _write_json(args.out / "results.json", result)
-        if not args.no_plots and flat:
-            from moebal.sim.plots import plot_sweep
 
-            plot_sweep(flat, args.out)
-        if args.json:
-            print(json.dumps(result, indent=1, default=float))
-        else:
-            _print_sweep(flat, skipped)
-            print(f"\nresults: {args.out / 'results.json'}")
-        return 0
+def _run_validate(args, cost: CostModel) -> int:
+    out = validate(read_records(args.validate), cost)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print_validation(out)
+    return 0
 
+
+def _sweep_configs(args) -> list[tuple[str, Optional[Trace], int, int]]:
+    """(label, trace or None for a synthetic one, GPUs, experts) of every sweep point."""
+    if args.trace:
+        return [(label, tr, g, tr.num_experts) for label, tr in (_labelled(p) for p in args.trace)
+                for g in args.sweep_gpus]
+    return [(f"{args.synthetic} {g} GPUs x {e} experts", None, g, e)
+            for e in args.sweep_experts for g in args.sweep_gpus]
+
+
+def _run_sweep(args, cost: CostModel, notes: dict, progress: bool) -> int:
+    combos = _sweep_configs(args)
+    if progress:
+        from tqdm import tqdm
+
+        combos = tqdm(combos, desc="sweep", unit="config")
+    runs, flat, skipped = [], [], []
+    for label, tr, g, e in combos:
+        if tr is None and e < args.top_k:
+            skipped.append({"label": label, "reason": f"top-k {args.top_k} > {e} experts"})
+            continue
+        try:
+            Cluster(g, e, args.ep, args.sched_group)
+            r = _one(tr if tr is not None else _synthetic(args, g, e), label, g, args, cost, False,
+                     synthetic=tr is None)
+        except ValueError as exc:
+            skipped.append({"label": label, "reason": str(exc)})
+            continue
+        runs.append(r)
+        flat.extend({"gpus": g, "experts": r["experts"], **row} for row in r["summary"])
+    result = {"args": _args_dict(args), "cost": _cost_dict(cost), "notes": notes,
+              "sweep": flat, "skipped_configs": skipped,
+              "runs": [{k: v for k, v in r.items() if k != "series"} for r in runs]}
+    _write_results(args.out, result)
+    if not args.no_plots and flat:
+        plot_sweep(flat, args.out)
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    else:
+        print_sweep(flat, skipped)
+        print(f"\nresults: {args.out / 'results.json'}")
+    return 0
+
+
+def _run_single(args, cost: CostModel, notes: dict, progress: bool) -> int:
     if args.trace:
         inputs = [_labelled(p) for p in args.trace]
     else:
         label = f"{args.synthetic} (exponent {args.exponent:g})" if args.synthetic != "uniform" else "uniform"
         inputs = [(label, _synthetic(args, args.gpus, args.experts))]
-    for label, tr in inputs:
-        runs.append(_one(tr, label, args.gpus, args, cost, progress, synthetic=not args.trace))
-    result = {"args": _args_dict(args), "cost": _cost_dict(cost),
-              "notes": notes, "runs": runs}
-    _write_json(args.out / "results.json", result)
+    runs = [_one(tr, label, args.gpus, args, cost, progress, synthetic=not args.trace) for label, tr in inputs]
+    result = {"args": _args_dict(args), "cost": _cost_dict(cost), "notes": notes, "runs": runs}
+    _write_results(args.out, result)
     if not args.no_plots:
-        from moebal.sim.plots import plot_run
-
         plot_run(runs, args.out)
     if args.json:
         print(json.dumps(result, indent=1, default=float))
@@ -426,20 +376,6 @@ def run(args) -> int:
             print_table(r)
         print(f"\nresults: {args.out / 'results.json'}" + ("" if args.no_plots else f" and plots in {args.out}/"))
     return 0
-
-
-def _print_sweep(flat: list[dict], skipped: list[dict]) -> None:
-    systems = [s for s in SYSTEMS if any(r["system"] == s for r in flat)]
-    head = f"{'GPUs':>6}{'experts':>8}" + "".join(f"{s:>14}" for s in systems)
-    print("throughput relative to the standard placement (MoE layers)")
-    print(head)
-    print("-" * len(head))
-    keys = sorted({(r["gpus"], r["experts"]) for r in flat}, key=lambda k: (k[1], k[0]))
-    for g, e in keys:
-        vals = {r["system"]: r["speedup_vs_standard"] for r in flat if r["gpus"] == g and r["experts"] == e}
-        print(f"{g:>6}{e:>8}" + "".join(f"{_fmt(vals.get(s), '.3f'):>14}" for s in systems))
-    for s in skipped:
-        print(f"skipped {s['label']}: {s['reason']}")
 
 
 def _args_dict(args) -> dict:

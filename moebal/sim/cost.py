@@ -289,19 +289,19 @@ class CostModel:
             t = first + (m - 1) * float(one.max()) + float(compute_G.max()) + float(combine_G.max())
         return {"time": t, "dispatch_G": dispatch_G, "compute_G": compute_G, "combine_G": combine_G}
 
-    def ideal_layer_time(self, loads_SE: np.ndarray, slots_per_gpu: int, num_gpus_total: int) -> float:
+    def ideal_layer_time(self, loads_RE: np.ndarray, slots_per_gpu: int, num_gpus_total: int) -> float:
         """A lower bound on the layer time of every system (the "ideal" system).
 
         Perfectly balanced compute (every GPU computes the mean), no scheduling cost, and for
         each source GPU the least it must send: all its assignments except those of the
         ``slots_per_gpu`` experts it could host (its heaviest), over both links at once.
-        ``loads_SE``: one row per GPU of the whole cluster (every GPU is a source).
+        ``loads_RE``: one row per GPU of the whole cluster (every GPU is a source).
         """
-        loads_SE = np.asarray(loads_SE, dtype=np.float64)
-        G, E = loads_SE.shape
-        mean_tokens = loads_SE.sum() / G
+        loads_RE = np.asarray(loads_RE, dtype=np.float64)
+        G, E = loads_RE.shape
+        mean_tokens = loads_RE.sum() / G
         compute = float(self.compute_time(np.array([mean_tokens]))[0])
-        must_send_S = min_sends(loads_SE, slots_per_gpu)
+        must_send_S = min_sends(loads_RE, slots_per_gpu)
         hw = self.hardware
         bw = 0.0
         if self.gpus_per_node > 1 and num_gpus_total > 1:
@@ -312,18 +312,18 @@ class CostModel:
         return compute + 2 * self.comm_multiplier * comm
 
 
-def min_sends(loads_SE: np.ndarray, slots_per_gpu: int) -> np.ndarray:
+def min_sends(loads_RE: np.ndarray, slots_per_gpu: int) -> np.ndarray:
     """The fewest assignments each source must send away: all of its assignments except
     those of the ``slots_per_gpu`` experts its own GPU could host (its heaviest)."""
-    loads_SE = np.asarray(loads_SE, dtype=np.float64)
-    E = loads_SE.shape[1]
+    loads_RE = np.asarray(loads_RE, dtype=np.float64)
+    E = loads_RE.shape[1]
     slots = min(int(slots_per_gpu), E)
     if slots >= E:
-        return np.zeros(loads_SE.shape[0])
+        return np.zeros(loads_RE.shape[0])
     if slots <= 0:
-        return loads_SE.sum(1)
-    top = -np.partition(-loads_SE, slots - 1, axis=1)[:, :slots]
-    return loads_SE.sum(1) - top.sum(1)
+        return loads_RE.sum(1)
+    top = -np.partition(-loads_RE, slots - 1, axis=1)[:, :slots]
+    return loads_RE.sum(1) - top.sum(1)
 
 
 def calibrate(

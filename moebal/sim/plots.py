@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from moebal.fileio import atomic_write
 
 COLORS = {
     "plain_ep": "#7f7f7f",
@@ -30,17 +30,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plot-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"))
+    except OSError as exc:
+        raise ValueError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
 def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
@@ -49,9 +42,16 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
     plt = _plt()
     out_dir = Path(out_dir)
     paths = []
-    n = len(runs)
+    for name, draw in (("relative.png", _relative), ("imbalance.png", _imbalance), ("moved.png", _moved)):
+        fig = draw(plt, runs)
+        paths.append(_save(fig, out_dir / name))
+        plt.close(fig)
+    return paths
 
-    # 1. throughput and step time relative to plain EP (standard where plain EP cannot run)
+
+def _relative(plt, runs: Sequence[dict]):
+    """Throughput and step time relative to plain EP (standard where plain EP cannot run)."""
+    n = len(runs)
     fig, axes = plt.subplots(2, n, figsize=(max(6, 4.5 * n), 6.5), squeeze=False)
     for i, run in enumerate(runs):
         rows = run["summary"]
@@ -74,10 +74,12 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
                     ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         axes[0, i].set_title(run["label"], fontsize=9)
     fig.suptitle("MoE layers: throughput and step time relative to the baseline")
-    paths.append(_save(fig, out_dir / "relative.png"))
-    plt.close(fig)
+    return fig
 
-    # 2. GPU load imbalance (max/mean computed assignments) per micro-batch and layer
+
+def _imbalance(plt, runs: Sequence[dict]):
+    """GPU load imbalance (max/mean computed assignments) per micro-batch and layer."""
+    n = len(runs)
     fig, axes = plt.subplots(1, n, figsize=(max(6, 5 * n), 3.8), squeeze=False)
     for i, run in enumerate(runs):
         ax = axes[0, i]
@@ -89,10 +91,12 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.set_title(run["label"], fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("GPU load imbalance per micro-batch")
-    paths.append(_save(fig, out_dir / "imbalance.png"))
-    plt.close(fig)
+    return fig
 
-    # 3. tokens moved (sent to another GPU) and across nodes, as a share of all assignments
+
+def _moved(plt, runs: Sequence[dict]):
+    """Tokens moved (sent to another GPU) and across nodes, as a share of all assignments."""
+    n = len(runs)
     fig, axes = plt.subplots(1, n, figsize=(max(6, 4.5 * n), 3.8), squeeze=False)
     for i, run in enumerate(runs):
         ax = axes[0, i]
@@ -106,9 +110,7 @@ def plot_run(runs: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.set_title(run["label"], fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Tokens moved")
-    paths.append(_save(fig, out_dir / "moved.png"))
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def plot_sweep(rows: Sequence[dict], out_dir: Path, name: str = "sweep.png") -> Path:

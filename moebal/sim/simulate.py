@@ -110,12 +110,14 @@ def simulate(
 ) -> SimResult:
     """Run every system in ``systems`` on the same micro-batches (see the module doc).
 
-    ``sched_time_s``: charge this many seconds per layer for LP scheduling instead of the
-    measured solve time of ``moebal.schedule``. ``history_MLGE``: earlier micro-batches (same
-    shape but for the step count) that are not timed: the re-placing systems (eplb,
-    lp_asymmetric) see their loads as history, as if the run had been going on, so that the
-    timed steps start from a placement built from loads rather than from the cold start. Systems the cluster cannot run (plain EP
-    with experts that do not divide over the GPUs) are listed in ``skipped`` with the reason.
+    ``mb_MLGE``: int [M steps, L layers, G sources, E experts]. ``sched_time_s``: charge this
+    many seconds per layer for LP scheduling instead of the measured solve time of
+    ``moebal.schedule``. ``history_MLGE``: earlier micro-batches (same shape but for the step
+    count) that are not timed: the re-placing systems (eplb, lp_asymmetric) see their loads
+    as history, as if the run had been going on, so that the timed steps start from a
+    placement built from loads rather than from the cold start. Systems the cluster cannot
+    run (plain EP with experts that do not divide over the GPUs) are listed in ``skipped``
+    with the reason.
     """
     mb = _validate_microbatches(mb_MLGE, cluster)
     if not isinstance(cost, CostModel):
@@ -131,7 +133,6 @@ def simulate(
         hist = _validate_microbatches(history_MLGE, cluster) if len(history_MLGE) else hist
         if hist.shape[1:] != mb.shape[1:]:
             raise ValueError(f"history shape {hist.shape} does not match micro-batches {mb.shape}")
-    H = hist.shape[0]
     tokens_M = mb.sum(axis=(1, 2, 3))[:] / L / top_k
     attn_s = cost.attention_time(float(mb.sum()) / (M * L * G * top_k))
 
@@ -144,91 +145,86 @@ def simulate(
             skipped[name] = reason
             continue
         runners[name] = make_system(
-            name,
-            cluster,
-            rebalance_every=rebalance_every,
-            seed=seed,
-            sched_time_s=sched_time_s,
+            name, cluster, rebalance_every=rebalance_every, seed=seed, sched_time_s=sched_time_s
         )
-
-    def series():
-        return {k: np.zeros((M, L)) for k in ("layer", "imb", "moved", "inter", "sched")}
-
-    out = {name: (series(), np.zeros(M)) for name in runners}
-    node_G = np.arange(G) // cost.gpus_per_node
+    for runner in runners.values():  # the untimed history, as if the run had been going on
+        for h in range(hist.shape[0]):
+            _observe(runner, hist[h])
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=M * L * max(1, len(runners)), desc="simulate", unit="layer", leave=False)
-    for h in range(H):
-        for runner in runners.values():
-            if hasattr(runner, "observe"):
-                gs = runner.group_size
-                for layer in range(L):
-                    runner.observe(layer, hist[h, layer].reshape(G // gs, gs, E).sum(1))
     try:
-        for m in range(M):
-            for name, runner in runners.items():
-                s, step_M = out[name]
-                gs = runner.group_size
-                group_time = np.zeros(G // gs)
-                for layer in range(L):
-                    loads_GE = mb[m, layer]
-                    tokens_G = np.zeros(G)
-                    worst_t = worst_sched = 0.0
-                    moved = inter = 0
-                    for k in range(G // gs):
-                        sl = slice(k * gs, (k + 1) * gs)
-                        a = runner.assign(k, layer, H + m, loads_GE[sl])
-                        ids = np.arange(k * gs, (k + 1) * gs)
-                        res = cost.layer_time(a.tokens_G, a.flow_GG, a.sched_s, gpu_ids=ids)
-                        t = res["time"] + attn_s
-                        group_time[k] += t
-                        worst_t = max(worst_t, t)
-                        worst_sched = max(worst_sched, a.sched_s)
-                        tokens_G[sl] = a.tokens_G
-                        off = a.flow_GG.sum() - np.trace(a.flow_GG)
-                        moved += off
-                        same = node_G[ids][:, None] == node_G[ids][None, :]
-                        inter += a.flow_GG[~same].sum()
-                    if hasattr(runner, "observe"):
-                        runner.observe(layer, loads_GE.reshape(G // gs, gs, E).sum(1))
-                    mean = tokens_G.mean()
-                    s["imb"][m, layer] = tokens_G.max() / mean if mean > 0 else 1.0
-                    s["layer"][m, layer] = worst_t
-                    s["sched"][m, layer] = worst_sched
-                    s["moved"][m, layer] = moved
-                    s["inter"][m, layer] = inter
-                    if bar is not None:
-                        bar.update(1)
-                step_M[m] = group_time.max()
+        results = {name: _replay(name, runner, mb, hist.shape[0], cost, attn_s, bar)
+                   for name, runner in runners.items()}
     finally:
         if bar is not None:
             bar.close()
-
-    results = {}
-    for name, runner in runners.items():
-        s, step_M = out[name]
-        results[name] = SystemResult(
-            name,
-            step_M,
-            s["layer"],
-            s["imb"],
-            s["moved"],
-            s["inter"],
-            s["sched"],
-            list(getattr(runner, "solve_seconds", [])),
-        )
     if "ideal" in systems:
-        lay = np.zeros((M, L))
-        moved = np.zeros((M, L))
-        for m in range(M):
-            for layer in range(L):
-                lay[m, layer] = cost.ideal_layer_time(mb[m, layer], cluster.slots_per_gpu, G) + attn_s
-                moved[m, layer] = min_sends(mb[m, layer], cluster.slots_per_gpu).sum()
-        results["ideal"] = SystemResult(
-            "ideal", lay.sum(1), lay, np.ones((M, L)), moved, np.zeros((M, L)), np.zeros((M, L))
-        )
+        results["ideal"] = _ideal(mb, cluster, cost, attn_s)
     return SimResult(cluster, cost, top_k, tokens_M, results, skipped)
+
+
+def _observe(runner, loads_LGE: np.ndarray) -> None:
+    """Give a re-placing system one step's loads of every layer, summed per scheduling group."""
+    if hasattr(runner, "observe"):
+        L, G, E = loads_LGE.shape
+        gs = runner.group_size
+        for layer in range(L):
+            runner.observe(layer, loads_LGE[layer].reshape(G // gs, gs, E).sum(1))
+
+
+def _replay(name: str, runner, mb: np.ndarray, first_step: int, cost: CostModel, attn_s: float,
+            bar) -> SystemResult:
+    """One system over every step and layer: each scheduling group is timed on its own, a
+    layer takes its slowest group, a step the slowest group's sum over the layers."""
+    M, L, G, E = mb.shape
+    gs = runner.group_size
+    node_G = np.arange(G) // cost.gpus_per_node
+    s = {k: np.zeros((M, L)) for k in ("layer", "imb", "moved", "inter", "sched")}
+    step_M = np.zeros(M)
+    for m in range(M):
+        group_time = np.zeros(G // gs)
+        for layer in range(L):
+            tokens_G = np.zeros(G)
+            worst_t = worst_sched = 0.0
+            moved = inter = 0
+            for k in range(G // gs):
+                ids = np.arange(k * gs, (k + 1) * gs)
+                a = runner.assign(k, layer, first_step + m, mb[m, layer, k * gs : (k + 1) * gs])
+                t = cost.layer_time(a.tokens_G, a.flow_GG, a.sched_s, gpu_ids=ids)["time"] + attn_s
+                group_time[k] += t
+                worst_t = max(worst_t, t)
+                worst_sched = max(worst_sched, a.sched_s)
+                tokens_G[ids] = a.tokens_G
+                moved += a.flow_GG.sum() - np.trace(a.flow_GG)
+                same = node_G[ids][:, None] == node_G[ids][None, :]
+                inter += a.flow_GG[~same].sum()
+            if hasattr(runner, "observe"):
+                runner.observe(layer, mb[m, layer].reshape(G // gs, gs, E).sum(1))
+            mean = tokens_G.mean()
+            s["imb"][m, layer] = tokens_G.max() / mean if mean > 0 else 1.0
+            s["layer"][m, layer] = worst_t
+            s["sched"][m, layer] = worst_sched
+            s["moved"][m, layer] = moved
+            s["inter"][m, layer] = inter
+            if bar is not None:
+                bar.update(1)
+        step_M[m] = group_time.max()
+    return SystemResult(name, step_M, s["layer"], s["imb"], s["moved"], s["inter"], s["sched"],
+                        list(getattr(runner, "solve_seconds", [])))
+
+
+def _ideal(mb: np.ndarray, cluster: Cluster, cost: CostModel, attn_s: float) -> SystemResult:
+    """The lower bound of every (step, layer): ``CostModel.ideal_layer_time``."""
+    M, L, G, _ = mb.shape
+    lay = np.zeros((M, L))
+    moved = np.zeros((M, L))
+    for m in range(M):
+        for layer in range(L):
+            lay[m, layer] = cost.ideal_layer_time(mb[m, layer], cluster.slots_per_gpu, G) + attn_s
+            moved[m, layer] = min_sends(mb[m, layer], cluster.slots_per_gpu).sum()
+    return SystemResult("ideal", lay.sum(1), lay, np.ones((M, L)), moved, np.zeros((M, L)),
+                        np.zeros((M, L)))

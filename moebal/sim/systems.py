@@ -95,31 +95,35 @@ class Cluster:
 # ---------------------------------------------------------------------------------------
 # token flows
 # ---------------------------------------------------------------------------------------
-def _even_split_flows(loads_SE: np.ndarray, hosts_EG: np.ndarray):
+def _even_split_flows(loads_RE: np.ndarray, hosts_EG: np.ndarray):
     """Every source splits its assignments of expert e evenly over e's hosts (the remainder
-    goes to the hosts after the source's own index, cyclically). Returns (x_EG, flow_GG)."""
-    loads_SE = np.asarray(loads_SE, dtype=np.int64)
-    S, E = loads_SE.shape
+    goes to the hosts after the source's own index, cyclically).
+
+    loads_RE int [R sources, E]; hosts_EG bool [E, G]. Returns (x_EG int64 [E, G], flow_RG
+    int64 [R, G]). Here H indexes the hosts of an expert (at most the largest replica count).
+    """
+    loads_RE = np.asarray(loads_RE, dtype=np.int64)
+    R, E = loads_RE.shape
     hosts_EG = np.asarray(hosts_EG, dtype=bool)
     G = hosts_EG.shape[1]
     r_E = hosts_EG.sum(1)
     if np.any(r_E == 0):
         raise ValueError(f"expert {int(np.flatnonzero(r_E == 0)[0])} has no replica")
-    R = int(r_E.max())
+    H = int(r_E.max())
     # hosts of each expert in index order, padded with the first host (masked out below)
-    order = np.argsort(~hosts_EG, axis=1, kind="stable")[:, :R]  # [E, R]
-    j_R = np.arange(R)
-    valid_ER = j_R[None, :] < r_E[:, None]
-    q_SE, rem_SE = np.divmod(loads_SE, r_E[None, :])
-    s_S = np.arange(S)
-    cyc_SER = (j_R[None, None, :] - s_S[:, None, None]) % r_E[None, :, None]
-    share_SER = (q_SE[:, :, None] + (cyc_SER < rem_SE[:, :, None])) * valid_ER[None]
-    dest_SER = np.broadcast_to(order[None], share_SER.shape)
-    idx = (s_S[:, None, None] * G + dest_SER).ravel()
-    flow = np.bincount(idx, weights=share_SER.ravel(), minlength=S * G).reshape(S, G)
+    order_EH = np.argsort(~hosts_EG, axis=1, kind="stable")[:, :H]
+    j_H = np.arange(H)
+    valid_EH = j_H[None, :] < r_E[:, None]
+    q_RE, rem_RE = np.divmod(loads_RE, r_E[None, :])
+    s_R = np.arange(R)
+    cyc_REH = (j_H[None, None, :] - s_R[:, None, None]) % r_E[None, :, None]
+    share_REH = (q_RE[:, :, None] + (cyc_REH < rem_RE[:, :, None])) * valid_EH[None]
+    dest_REH = np.broadcast_to(order_EH[None], share_REH.shape)
+    idx = (s_R[:, None, None] * G + dest_REH).ravel()
+    flow = np.bincount(idx, weights=share_REH.ravel(), minlength=R * G).reshape(R, G)
     x_EG = np.zeros((E, G), dtype=np.int64)
-    e_idx = (np.arange(E)[:, None] * G + order).ravel()
-    x_EG.ravel()[:] = np.bincount(e_idx, weights=share_SER.sum(0).ravel(), minlength=E * G)
+    e_idx = (np.arange(E)[:, None] * G + order_EH).ravel()
+    x_EG.ravel()[:] = np.bincount(e_idx, weights=share_REH.sum(0).ravel(), minlength=E * G)
     return x_EG, flow.astype(np.int64)
 
 
@@ -146,10 +150,10 @@ class PlainEP:
             raise ValueError(reason)
         self.group_size = cluster.num_gpus
 
-    def assign(self, group: int, layer: int, step: int, loads_SE: np.ndarray) -> Assignment:
-        S, E = loads_SE.shape
+    def assign(self, group: int, layer: int, step: int, loads_RE: np.ndarray) -> Assignment:
+        R, E = loads_RE.shape
         G = self.group_size
-        flow = loads_SE.reshape(S, E // G, G).sum(1)  # expert e = k*G + g lives on GPU g
+        flow = loads_RE.reshape(R, E // G, G).sum(1)  # expert e = k*G + g lives on GPU g
         return Assignment(flow.sum(0), flow)
 
 
@@ -162,13 +166,13 @@ class Standard:
         self.group_size = cluster.sched_group
         self.ep = cluster.ep_size
 
-    def assign(self, group: int, layer: int, step: int, loads_SE: np.ndarray) -> Assignment:
-        S, E = loads_SE.shape
+    def assign(self, group: int, layer: int, step: int, loads_RE: np.ndarray) -> Assignment:
+        R, E = loads_RE.shape
         ep = self.ep
-        per_local_SI = loads_SE.reshape(S, E // ep, ep).sum(1)  # e = k*ep + i on local GPU i
-        flow = np.zeros((S, S // ep, ep), dtype=np.int64)
-        flow[np.arange(S), np.arange(S) // ep, :] = per_local_SI
-        flow = flow.reshape(S, S)
+        per_local_RI = loads_RE.reshape(R, E // ep, ep).sum(1)  # e = k*ep + i on local GPU i
+        flow = np.zeros((R, R // ep, ep), dtype=np.int64)
+        flow[np.arange(R), np.arange(R) // ep, :] = per_local_RI
+        flow = flow.reshape(R, R)
         return Assignment(flow.sum(0), flow)
 
 
@@ -220,11 +224,11 @@ class EPLB(_Rebalancing):
         super().__init__(cluster, rebalance_every, seed)
         self._standard = Standard(cluster)
 
-    def assign(self, group: int, layer: int, step: int, loads_SE: np.ndarray) -> Assignment:
+    def assign(self, group: int, layer: int, step: int, loads_RE: np.ndarray) -> Assignment:
         hosts = self.placement_for(layer, step)
         if hosts is None:  # before the first re-placement: Megatron's standard routing
-            return self._standard.assign(group, layer, step, loads_SE)
-        x_EG, flow = _even_split_flows(loads_SE, hosts)
+            return self._standard.assign(group, layer, step, loads_RE)
+        x_EG, flow = _even_split_flows(loads_RE, hosts)
         return Assignment(x_EG.sum(0), flow)
 
 
@@ -258,18 +262,18 @@ class LPScheduled(_Rebalancing):
         return build_placement("asymmetric", c.sched_group, c.num_experts, c.slots_per_gpu,
                                loads_E=loads_RE, seed=self.seed + layer)
 
-    def assign(self, group: int, layer: int, step: int, loads_SE: np.ndarray) -> Assignment:
+    def assign(self, group: int, layer: int, step: int, loads_RE: np.ndarray) -> Assignment:
         placement = self.placement_for(layer, step)
         key = (group, layer)
         prev = self._prev.get(key)
         if prev is not None and prev[0] is not placement:
             prev = None  # re-placed: the previous plan does not apply
         t0 = time.perf_counter()
-        plan = solve_schedule(placement, loads_SE, prev=None if prev is None else prev[1])
+        plan = solve_schedule(placement, loads_RE, prev=None if prev is None else prev[1])
         elapsed = time.perf_counter() - t0
         self._prev[key] = (placement, plan)
         self.solve_seconds.append(elapsed)
-        G = loads_SE.shape[0]
+        G = loads_RE.shape[0]
         src, _, dst, n = plan.sends.T
         flow = np.bincount(src * G + dst, weights=n, minlength=G * G).astype(np.int64).reshape(G, G)
         sched = elapsed if self.sched_time_s is None else self.sched_time_s

@@ -1,147 +1,25 @@
-"""Routing traces: per step, per MoE layer, per source shard, per expert token counts.
+"""Routing traces for the simulator: the generators (Zipf-skewed, drifting, bursty,
+uniform) and the micro-batches of G sources a trace becomes.
 
-A trace is ``counts_SLRE`` — steps S, MoE layers L, source shards R (the data-parallel ranks
-that produced the tokens), experts E — of token-expert assignments (a token routed to K
-experts counts K times). Traces come from ``moebal train --trace`` (an ``.npz`` with a
-``counts`` array [steps, layers, shards, experts] or [steps, layers, experts], see
-docs/traces.md) or from the generators here: Zipf-skewed, drifting and bursty.
-
-The simulator needs one source per simulated GPU: ``microbatches`` turns the stream of shard
-count vectors into micro-batches of G sources each.
+A trace is a :class:`moebal.trace.RoutingTrace` (``Trace`` here, its former name):
+``counts_PLRE`` — steps P, MoE layers L, source shards R (the data-parallel ranks that
+produced the tokens), experts E — of token-expert assignments (a token routed to K experts
+counts K times). Traces come from ``moebal train --trace`` (``load_trace``, docs/traces.md)
+or from the generators here. The simulator needs one source per simulated GPU:
+``microbatches`` turns the stream of shard count vectors into micro-batches of G sources.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
+from moebal.trace import RoutingTrace, load_trace, save_trace
+
+Trace = RoutingTrace  # the former name of the simulator's trace class
+
 GENERATORS = ("zipf", "drift", "burst", "uniform")
-
-
-@dataclass
-class Trace:
-    """``counts_SLRE`` int64 [steps, layers, shards, experts]; ``top_k``; free ``meta``."""
-
-    counts_SLRE: np.ndarray
-    top_k: int = 1
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        arr = np.asarray(self.counts_SLRE)
-        if arr.ndim == 3:
-            arr = arr[:, :, None, :]
-        if arr.ndim != 4:
-            raise ValueError(
-                "trace counts must be [steps, layers, shards, experts] or [steps, layers, experts],"
-                f" got shape {arr.shape}"
-            )
-        if 0 in arr.shape:
-            raise ValueError(f"trace counts must not be empty, got shape {arr.shape}")
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise TypeError(f"trace counts must be numbers, got dtype {arr.dtype}")
-        if np.issubdtype(arr.dtype, np.floating):
-            if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-                raise ValueError("trace counts must be whole numbers")
-        if np.any(arr < 0):
-            raise ValueError(f"trace counts must be non-negative, found {arr.min()}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        self.counts_SLRE = arr.astype(np.int64)
-        self.top_k = int(self.top_k)
-
-    @property
-    def num_steps(self) -> int:
-        return self.counts_SLRE.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.counts_SLRE.shape[1]
-
-    @property
-    def num_shards(self) -> int:
-        return self.counts_SLRE.shape[2]
-
-    @property
-    def num_experts(self) -> int:
-        return self.counts_SLRE.shape[3]
-
-    def loads_SLE(self) -> np.ndarray:
-        """Counts summed over shards: [steps, layers, experts]."""
-        return self.counts_SLRE.sum(axis=2)
-
-
-def _meta_from_npz(data) -> dict:
-    meta: dict = {}
-    if "meta" in data.files:
-        raw = data["meta"]
-        try:
-            meta = json.loads(str(raw.item() if raw.shape == () else raw.tolist()))
-        except (ValueError, TypeError):
-            meta = {"meta": str(raw)}
-        if not isinstance(meta, dict):
-            meta = {"meta": meta}
-    for key in data.files:
-        if key in ("counts", "meta"):
-            continue
-        value = data[key]
-        if value.shape == () or value.size == 1:
-            meta.setdefault(key, value.reshape(()).item())
-        elif value.size <= 64:
-            meta.setdefault(key, value.tolist())
-    return meta
-
-
-def load_trace(path: Union[str, Path], top_k: Optional[int] = None) -> Trace:
-    """Read a routing trace ``.npz``: a ``counts`` array [steps, layers, shards, experts] (or
-    [steps, layers, experts]) plus optional metadata — a JSON string ``meta`` and/or scalar
-    arrays (``top_k`` is read from either). ``top_k`` given here wins over the file's."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"trace file not found: {str(path)!r}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # not an npz, truncated, ...
-        raise ValueError(f"cannot read trace {str(path)!r}: {exc}") from exc
-    if not hasattr(data, "files"):
-        raise ValueError(f"trace {str(path)!r} is a bare array; expected an .npz with 'counts'")
-    with data:
-        if "counts" not in data.files:
-            raise ValueError(f"trace {str(path)!r} has no 'counts' array (found {data.files})")
-        counts = data["counts"]
-        meta = _meta_from_npz(data)
-    if top_k is None:
-        top_k = int(meta.get("top_k", meta.get("k", 1)))
-    meta.setdefault("source", str(path))
-    try:
-        return Trace(counts, top_k=top_k, meta=meta)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"trace {str(path)!r}: {exc}") from exc
-
-
-def save_trace(trace: Trace, path: Union[str, Path]) -> None:
-    """Write a trace as ``.npz`` (``counts``, ``top_k``, ``meta`` JSON), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".trace-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(
-                fh,
-                counts=trace.counts_SLRE,
-                top_k=np.int64(trace.top_k),
-                meta=np.array(json.dumps(trace.meta, default=str)),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,12 +143,12 @@ def microbatches(
 
     Every GPU of the simulated cluster is a data-parallel source with its own micro-batch.
     The trace's shard count vectors are taken in order (step by step, shard by shard) and
-    grouped ``num_gpus`` at a time, separately per layer: with R shards and S steps there are
-    ``floor(S * R / G)`` micro-batches; a trace recorded on G ranks maps one step to one
+    grouped ``num_gpus`` at a time, separately per layer: with R shards and P steps there are
+    ``floor(P * R / G)`` micro-batches; a trace recorded on G ranks maps one step to one
     micro-batch. Leftover vectors are dropped.
 
     ``pool``: every source is the sum of ``pool`` consecutive shard vectors (a GPU's
-    micro-batch holds several of the recorded shards' sequences), so ``floor(S * R / (pool *
+    micro-batch holds several of the recorded shards' sequences), so ``floor(P * R / (pool *
     G))`` micro-batches.
 
     ``tokens_per_gpu``: rescale every source's counts to ``tokens_per_gpu * top_k``
@@ -282,14 +160,16 @@ def microbatches(
         raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
     if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1:
         raise ValueError(f"pool must be a positive integer, got {pool!r}")
-    S, L, R, E = trace.counts_SLRE.shape
-    stream_NLE = trace.counts_SLRE.transpose(0, 2, 1, 3).reshape(S * R, L, E)
-    N = (S * R) // pool
+    P, L, R, E = trace.counts_PLRE.shape
+    # the N = P * R shard vectors of each layer, step by step, shard by shard
+    counts_PLRE = trace.counts_PLRE.astype(np.int64, copy=False)
+    stream_NLE = counts_PLRE.transpose(0, 2, 1, 3).reshape(P * R, L, E)
+    N = (P * R) // pool
     stream_NLE = stream_NLE[: N * pool].reshape(N, pool, L, E).sum(1)
     M = N // num_gpus
     if M == 0:
         raise ValueError(
-            f"the trace has {S} steps x {R} shards = {S * R} shard vectors, fewer than one"
+            f"the trace has {P} steps x {R} shards = {P * R} shard vectors, fewer than one"
             f" micro-batch of {num_gpus} GPUs x {pool} pooled vectors"
         )
     mb_MGLE = stream_NLE[: M * num_gpus].reshape(M, num_gpus, L, E)
@@ -325,3 +205,7 @@ def rescale_rows(counts_XE: np.ndarray, total: int) -> np.ndarray:
     np.put_along_axis(rank, order, np.arange(shape[-1])[None, :].repeat(len(rows), 0), axis=1)
     base += (rank < short[:, None]).astype(np.int64)
     return base.reshape(shape)
+
+
+__all__ = ["GENERATORS", "Trace", "generate_trace", "load_trace", "microbatches",
+           "rescale_rows", "save_trace", "zipf_popularity"]

@@ -26,6 +26,9 @@ fitted and added back, as measured, to the predicted ``t_dispatch`` (the simulat
 ``--sched-time-ms``). When the all-to-all times do not grow with the volume (no positive
 slope), the bandwidth cannot be resolved: it keeps the given value, only the latency is
 fitted, and ``fitted["bw_resolved"]`` is False.
+
+``read_calibration`` reads the simpler (tokens, seconds) records that ``moebal simulate
+--calibrate`` fits the compute rate to.
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ def read_records(path: Union[str, Path]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"measurement file not found: {str(path)!r}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read measurement file {str(path)!r}: {exc}") from exc
     try:
         items = json.loads(text)
         if isinstance(items, dict):
@@ -74,6 +80,47 @@ def read_records(path: Union[str, Path]) -> list[dict]:
     if not records:
         raise ValueError(f"{str(path)!r} has no records with the fields {REQUIRED}")
     return records
+
+
+def read_calibration(
+    path: Union[str, Path], d_model: int, ffn_hidden: int, passes: str
+) -> tuple[list[float], list[float]]:
+    """(tokens, seconds) pairs from JSON/JSONL records: tokens in ``tokens_computed`` or
+    ``tokens`` or ``T``; seconds in ``t_compute`` or ``seconds`` or ``fwd_bwd_s``/``fwd_s``
+    (by ``passes``). Records carrying ``D``/``F`` of another shape are skipped; a JSON object
+    with a ``rows`` list is read as its rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"calibration file not found: {str(path)!r}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration file {str(path)!r}: {exc}") from exc
+    try:
+        data = json.loads(text)
+        items = data.get("rows", [data]) if isinstance(data, dict) else data
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"calibration file {str(path)!r} is neither JSON nor JSONL: {exc}") from exc
+    tokens, secs = [], []
+    for r in items:
+        if not isinstance(r, dict):
+            continue
+        if ("D" in r and r["D"] != d_model) or ("F" in r and r["F"] != ffn_hidden):
+            continue
+        t = next((r[k] for k in ("tokens_computed", "tokens", "T") if k in r), None)
+        s = next((r[k] for k in ("t_compute", "seconds", f"{passes}_s") if k in r), None)
+        if t is not None and s is not None:
+            tokens.append(float(t))
+            secs.append(float(s))
+    if len(tokens) < 2:
+        raise ValueError(
+            f"calibration file {str(path)!r} has {len(tokens)} usable (tokens, seconds) records"
+            f" for D={d_model}, F={ffn_hidden}; need at least 2"
+        )
+    return tokens, secs
 
 
 def _arrays(records: Iterable[dict]) -> dict:

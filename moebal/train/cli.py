@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from moebal.parallel import cli as parallel_cli
     from moebal.train.run import train
 
-    launched = parallel_cli.launch_if_asked(args)  # --nproc N: re-run under torchrun
+    # --nproc N: checked, then re-run under torchrun
+    launched = parallel_cli.launch_if_asked(args, configs_from_args)
     if launched is not None:
         return launched
     try:
