@@ -68,10 +68,11 @@ def resolve(mod: str, names: list[str]) -> list[str]:
     if not mod.startswith("moebal"):
         return []
     out = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES]
-    if mod in MODULES and (not names or len(out) < len(names)):
+    if mod in MODULES:
         # ``from pkg import submodule`` depends on the submodule (as ``import pkg.sub``
         # does), ``from pkg import name`` on the package's __init__
-        out.append(mod)
+        if not names or len(out) < len(names):
+            out.append(mod)
     else:  # "moebal.x.y" imported as a module path whose tail is not a file
         parts = mod.split(".")
         while parts and ".".join(parts) not in MODULES:
