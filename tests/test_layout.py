@@ -67,12 +67,12 @@ def resolve(mod: str, names: list[str]) -> list[str]:
     """The moebal modules an import statement loads (a package's names may be submodules)."""
     if not mod.startswith("moebal"):
         return []
-    out = []
-    for n in names:
-        if f"{mod}.{n}" in MODULES:
-            out.append(f"{mod}.{n}")
+    out = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES]
     if mod in MODULES:
-        out.append(mod)
+        # ``from pkg import submodule`` depends on the submodule (as ``import pkg.sub``
+        # does), ``from pkg import name`` on the package's __init__
+        if not names or len(out) < len(names):
+            out.append(mod)
     else:  # "moebal.x.y" imported as a module path whose tail is not a file
         parts = mod.split(".")
         while parts and ".".join(parts) not in MODULES:

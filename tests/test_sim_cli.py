@@ -40,7 +40,7 @@ def test_table_output(tmp_path, capsys):
 def test_traces_are_replayed_each_on_its_own(tmp_path, capsys):
     for name, exponent in (("flat", 0.0), ("skewed", 1.5)):
         tr = generate_trace("zipf", steps=4, layers=2, shards=2, experts=16, tokens_per_shard=64, top_k=2, exponent=exponent)
-        save_trace(tr, tmp_path / f"{name}.npz")
+        save_trace(tmp_path / f"{name}.npz", tr)
     out = run_json(capsys, ["--trace", str(tmp_path / "flat.npz"), str(tmp_path / "skewed.npz"), "--gpus", "8",
                             "--tokens-per-gpu", "0", "--no-progress", "--no-plots", "--out", str(tmp_path / "o"),
                             "--systems", "standard,lp_symmetric,ideal", "--sched-time-ms", "0"])

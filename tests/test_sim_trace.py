@@ -18,7 +18,7 @@ from moebal.sim.trace import (
 
 def test_round_trip(tmp_path):
     tr = generate_trace("zipf", steps=3, layers=2, shards=4, experts=8, tokens_per_shard=16, top_k=2)
-    save_trace(tr, tmp_path / "t.npz")
+    save_trace(tmp_path / "t.npz", tr)
     back = load_trace(tmp_path / "t.npz")
     np.testing.assert_array_equal(back.counts_SLRE, tr.counts_SLRE)
     assert back.top_k == 2 and back.meta["generator"] == "zipf"

@@ -111,6 +111,8 @@ def chosen(model, x):
     dict(score_func="softmax", route_norm=False, route_scale=1.0),
     dict(score_func="softmax", route_norm=True, route_scale=1.0,
          num_expert_groups=4, num_limited_groups=4),
+    dict(score_func="sigmoid", route_norm=True, route_scale=2.5,
+         num_expert_groups=4, num_limited_groups=2),  # group-limited
 ])
 def test_none_equals_unpatched_block_forward_and_backward(options):
     ref = Stack(**options)
@@ -186,8 +188,9 @@ def test_none_equals_unpatched_gpt_oss_routers():
 
 
 # -- loss_free routes as torchtitan's own expert bias --------------------------------------------
-def test_loss_free_routes_as_torchtitan_expert_bias_over_optimizer_steps():
-    titan = Stack()
+@pytest.mark.parametrize("groups", [{}, dict(num_expert_groups=4, num_limited_groups=2)])
+def test_loss_free_routes_as_torchtitan_expert_bias_over_optimizer_steps(groups):
+    titan = Stack(**groups)
     ours = copy.deepcopy(titan)
     opt_titan = torch.optim.SGD(titan.parameters(), lr=0.05)
     opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05)
@@ -311,8 +314,9 @@ def test_model_bias_policies():
 
 
 @pytest.mark.parametrize("options, kwargs, error, match", [
-    (dict(num_expert_groups=4, num_limited_groups=2), {}, ValueError,
-     "layers.0.moe .*group-limited routing"),
+    (dict(num_expert_groups=4, num_limited_groups=2), dict(group_topk=3), ValueError,
+     "layers.0.moe .*routes with group_topk=2"),
+    ({}, dict(num_groups=4, group_topk=2), ValueError, "routes with num_groups=None"),
     ({}, dict(top_k=3), ValueError, "routes with top_k=2"),
     ({}, dict(capacity_factor=1.0), ValueError, "dropless"),
     ({}, dict(no_such_option=1), TypeError, "no_such_option"),

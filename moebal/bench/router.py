@@ -31,7 +31,8 @@ from moebal.routing.select import bracket_kth_largest, sample_bracket, topk_kth_
 
 DEFAULT_SIZES = ((16384, 64, 8), (16384, 16, 2), (4096, 256, 8))
 # ratio targets of the issue (at the balancers' default settings)
-TARGETS = {"loss_free": 1.1, "aux_loss": 1.2, "quantile": 1.5, "bip": 2.0}
+TARGETS = {"loss_free": 1.1, "aux_loss": 1.2, "quantile": 1.5, "bip": 2.0,
+           "quantile:quantile_mode=histogram": 1.3}
 BASELINE = "softmax+topk"
 
 
@@ -45,6 +46,28 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     return T, E, K
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"quantile:quantile_mode=histogram,quantile_bins=500"`` -> the balancer's name and
+    its flat options (ints and floats as numbers, the rest as text)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"balancer option {item!r} in {spec!r} is not NAME=VALUE")
+        for kind in (int, float):
+            try:
+                options[key] = kind(text)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = text
+    if name not in BALANCERS:
+        raise ValueError(f"unknown balancer {name!r}; known: {sorted(BALANCERS)}")
+    return name, options
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", type=_parse_size, default=None,
                         metavar="TxExK",
@@ -53,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per method first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--balancers", nargs="+", default=None, metavar="NAME",
-                        help="balancers to time (default: all but optimal)")
+                        help="balancers to time, each NAME or NAME:OPTION=VALUE,... with "
+                             "flat option names (default: all but optimal)")
     parser.add_argument("--optimal-repeats", type=int, default=3,
                         help="timed calls of the exact optimum, run separately at the "
                              "smallest size (0 = skip it)")
@@ -142,10 +166,10 @@ def bench_size(
 ) -> list[dict[str, Any]]:
     batches = list(skewed_stream(8, tokens, experts, skew=2.0, seed=seed))
     methods: dict[str, Callable[[torch.Tensor], Any]] = {BASELINE: _baseline(top_k)}
-    for name in balancers:
-        methods[name] = _router_call(
-            Router(RouterConfig(num_experts=experts, top_k=top_k, balancer=name)).train()
-        )
+    for spec in balancers:
+        name, options = parse_method(spec)
+        config = RouterConfig.from_options(experts, name, top_k=top_k, **options)
+        methods[spec] = _router_call(Router(config).train())
     if peers:
         methods.update(peer_methods(experts, top_k)[0])
     if selection:
@@ -186,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
     if args.clock == "cpu" and args.threads != 1:
         raise ValueError(f"--clock cpu times one thread: it needs --threads 1, got {args.threads}")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    for name in args.balancers or ():
-        if name not in BALANCERS:
-            raise ValueError(f"unknown balancer {name!r}; known: {sorted(BALANCERS)}")
+    for spec in args.balancers or ():
+        name, options = parse_method(spec)
+        RouterConfig.from_options(8, name, **options)  # a bad option fails before timing
     torch.set_num_threads(args.threads)
     sizes = args.sizes or list(DEFAULT_SIZES)
     balancers = args.balancers or [n for n in BALANCERS if n != "optimal"]

@@ -12,7 +12,7 @@ Every process runs the same :class:`ParallelTrainer` (a :class:`moebal.train.Tra
 - evaluation: every rank evaluates the whole validation batches (the same numbers everywhere;
   the redundant work is small next to training);
 - per-step, per-rank parallel counters (``ExpertParallel.step_records``) go to the run's
-  metrics.jsonl as records of type "parallel", summarised into ``parallel.json`` at the end;
+  metrics.jsonl as records of type "parallel", summarized into ``parallel.json`` at the end;
 - checkpoints: one file per rank, ``checkpoint.rank<r>.pt`` (local experts and their
   optimizer state); ``resume`` needs the same world size, EP size and placement.
 """
@@ -294,7 +294,7 @@ def train_parallel(
         if rank != 0:
             return None
         if run is not None:
-            summary = summarise_run(run.path)
+            summary = summarize_run(run.path)
             run.write_json("parallel.json", summary)
             print(format_summary(summary))
         return result
@@ -307,7 +307,7 @@ def parallel_config_dict(config: ParallelConfig) -> dict[str, Any]:
     return d
 
 
-def summarise_run(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
+def summarize_run(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
     """The summary of a run's "parallel" records (see
     :func:`moebal.parallel.summarize_rank_stats`)."""
     records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl")

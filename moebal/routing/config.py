@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from moebal.routing.balancers import BALANCERS, BalancerConfig
+from moebal.routing.groups import check_groups
 from moebal.routing.validate import check_bool, check_choice, check_int, check_number
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 # the router's own knobs (every other option belongs to a balancer's config)
 ROUTER_FIELDS = ("num_experts", "top_k", "score_function", "norm_topk_prob",
-                 "capacity_factor", "drop_policy", "z_loss_coeff")
+                 "capacity_factor", "drop_policy", "z_loss_coeff", "num_groups", "group_topk",
+                 "group_score")
+# read only with a group limit (num_groups set)
+GROUP_FIELDS = ("num_groups", "group_topk", "group_score")
 
 
 def flat_option_owners() -> dict[str, list[tuple[str, str]]]:
@@ -62,6 +66,14 @@ class RouterConfig:
     drop_policy             which tokens an over-full expert keeps: "probs" (highest gate
                             weight) or "position" (earliest in the batch).
     z_loss_coeff            beta of the router z-loss, usable with any balancer (0 = off).
+    num_groups, group_topk  group-limited routing (Megatron-core ``moe_router_num_groups``/
+                            ``moe_router_group_topk``, DeepSeek-V3 ``n_group``/
+                            ``topk_group``): the experts in ``num_groups`` groups of
+                            consecutive ids, each token choosing among its best
+                            ``group_topk`` groups; None/None = off. Works with every
+                            balancer (:mod:`moebal.routing.groups`).
+    group_score             how a group is scored: "top2" (DeepSeek-V3, torchtitan) or
+                            "topk_share" (Megatron-core).
     balancer                the balancer's typed config, e.g. ``BIPBalancer.Config(iters=4)``
                             (given as a registered name: that balancer's defaults).
     balancer_name           its registered name (derived from ``balancer``).
@@ -78,6 +90,9 @@ class RouterConfig:
     capacity_factor: Optional[float]
     drop_policy: str
     z_loss_coeff: float
+    num_groups: Optional[int]
+    group_topk: Optional[int]
+    group_score: str
     balancer: BalancerConfig
     balancer_name: str
 
@@ -90,6 +105,9 @@ class RouterConfig:
         capacity_factor: Optional[float] = None,
         drop_policy: str = "probs",
         z_loss_coeff: float = 0.0,
+        num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None,
+        group_score: str = "top2",
         balancer: Union[str, BalancerConfig] = "none",
         balancer_name: Optional[str] = None,
         **options: Any,
@@ -101,6 +119,9 @@ class RouterConfig:
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
         self.z_loss_coeff = z_loss_coeff
+        self.num_groups = num_groups
+        self.group_topk = group_topk
+        self.group_score = group_score
         if isinstance(balancer, str):
             if balancer not in BALANCERS:
                 raise ValueError(f"unknown balancer {balancer!r}; known: {sorted(BALANCERS)}")
@@ -188,6 +209,8 @@ class RouterConfig:
                          low_open=True)
         check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         check_number("z_loss_coeff", self.z_loss_coeff, low=0.0)
+        check_groups(self.num_experts, self.top_k, self.num_groups, self.group_topk,
+                     self.group_score)
         if self.balancer_name not in BALANCERS:
             raise ValueError(
                 f"unknown balancer {self.balancer_name!r}; known: {sorted(BALANCERS)}"
@@ -203,12 +226,14 @@ def routing_settings(config: RouterConfig) -> dict[str, Any]:
     """Everything that changes how ``config`` routes, flat name -> value.
 
     The balancer's name and every option it reads (BIP's warm-up and pinning included),
-    then the router's own knobs. Options a balancer does not read never appear, so two
-    configs route alike exactly when their settings are equal.
+    then the router's own knobs (the group limit's only when it is on). Options a balancer
+    does not read never appear, so two configs route alike exactly when their settings
+    are equal.
     """
     settings: dict[str, Any] = {"balancer": config.balancer_name, **config.options()}
     for name in ROUTER_FIELDS:
-        settings[name] = getattr(config, name)
+        if config.num_groups is not None or name not in GROUP_FIELDS:
+            settings[name] = getattr(config, name)
     return settings
 
 
@@ -220,6 +245,7 @@ def router_defaults() -> dict[str, Any]:
 
 __all__ = [
     "DROP_POLICIES",
+    "GROUP_FIELDS",
     "ROUTER_FIELDS",
     "RouterConfig",
     "SCORE_FUNCTIONS",

@@ -33,6 +33,7 @@ from torch import nn
 
 from moebal.routing.balancers import Balancer, RoutingContext
 from moebal.routing.config import RouterConfig
+from moebal.routing.groups import group_mask_TE
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -184,8 +185,10 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        groups = "" if c.num_groups is None else (
+            f", groups={c.group_topk} of {c.num_groups} ({c.group_score})")
         return (f"E={c.num_experts}, K={c.top_k}, score={c.score_function}, "
-                f"balancer={c.balancer_name}")
+                f"balancer={c.balancer_name}{groups}")
 
     def _check(self, logits_TE: torch.Tensor) -> None:
         if not isinstance(logits_TE, torch.Tensor):
@@ -310,7 +313,12 @@ class Router(nn.Module):
             ), None  # an empty batch updates nothing
 
         balancer = self.balancer
-        if self._plain_topk:
+        if cfg.num_groups is not None:
+            with torch.no_grad():
+                ctx.allowed_TE = group_mask_TE(
+                    balancer.choice_scores(scores_TE, ctx).detach(), cfg.num_groups,
+                    cfg.group_topk, K, cfg.group_score)
+        if self._plain_topk and ctx.allowed_TE is None:
             # the choice is the top-k of the scores themselves: its values are the weights
             weights_TK, indices_TK = torch.topk(scores_TE, K, dim=-1, sorted=False)
         else:

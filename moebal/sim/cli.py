@@ -26,8 +26,9 @@ from moebal.sim.plots import plot_run, plot_sweep
 from moebal.sim.simulate import simulate
 from moebal.sim.systems import SYSTEMS, Cluster
 from moebal.sim.tables import print_sweep, print_table, print_validation
-from moebal.sim.trace import GENERATORS, Trace, generate_trace, load_trace, microbatches
+from moebal.sim.trace import GENERATORS, generate_trace, microbatches
 from moebal.sim.validate import read_calibration, read_records, validate
+from moebal.trace import RoutingTrace, load_trace
 
 SWEEP_GPUS = (8, 32, 64, 256, 1024)
 SWEEP_EXPERTS = (64, 256, 1024)
@@ -156,7 +157,7 @@ def build_cost(args) -> tuple[CostModel, dict]:
     return cost, notes
 
 
-def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: bool,
+def _one(trace: RoutingTrace, label: str, gpus: int, args, cost: CostModel, progress: bool,
          synthetic: bool = False) -> dict:
     cluster = Cluster(gpus, trace.num_experts, args.ep, args.sched_group)
     tpg = args.tokens_per_gpu if args.tokens_per_gpu > 0 else None
@@ -206,7 +207,7 @@ def _one(trace: Trace, label: str, gpus: int, args, cost: CostModel, progress: b
     }
 
 
-def _labelled(path: Path) -> tuple[str, Trace]:
+def _labelled(path: Path) -> tuple[str, RoutingTrace]:
     """(label, trace): the file name, its folder when the name is the generic ``trace``, and
     the balancer recorded in the trace's metadata."""
     if path.is_file() and not zipfile.is_zipfile(path):
@@ -236,7 +237,7 @@ def _max_vio_batch(mb_MLGE: np.ndarray) -> float:
     return float((loads.max(-1)[ok] / mean[ok] - 1).mean()) if ok.any() else 0.0
 
 
-def _synthetic(args, gpus: int, experts: int) -> Trace:
+def _synthetic(args, gpus: int, experts: int) -> RoutingTrace:
     return generate_trace(
         args.synthetic,
         steps=args.steps + (args.rebalance_every if args.warmup is None else args.warmup),
@@ -315,7 +316,7 @@ def _run_validate(args, cost: CostModel) -> int:
     return 0
 
 
-def _sweep_configs(args) -> list[tuple[str, Optional[Trace], int, int]]:
+def _sweep_configs(args) -> list[tuple[str, Optional[RoutingTrace], int, int]]:
     """(label, trace or None for a synthetic one, GPUs, experts) of every sweep point."""
     if args.trace:
         return [(label, tr, g, tr.num_experts) for label, tr in (_labelled(p) for p in args.trace)

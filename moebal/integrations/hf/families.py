@@ -184,7 +184,7 @@ SUPPORTED_ROUTERS: dict[str, GateSpec] = {
                                        weights_dtype="float32", weight="gate.weight",
                                        logits_fp32=True, scale="route_scale",
                                        block_bias="expert_bias", probe_3d=True),
-    # group-limited routing (refused) masks with 0; with every group allowed it is a top-k
+    # group-limited routing masks with 0, not -inf: the same choice (softmax scores are > 0)
     "Mistral4TopkRouter": GateSpec(("mistral4",), norm="norm_topk_prob", weights_dtype="logits",
                                    scale="routed_scaling_factor",
                                    groups=("num_group", "topk_group")),

@@ -27,7 +27,8 @@ from moebal.routing.config import SCORE_FUNCTIONS
 MODEL_BIAS_POLICIES = ("error", "drop", "init")
 
 # RouterConfig fields fixed by the model's router: passed only if they agree with it.
-MODEL_FIXED_FIELDS = ("num_experts", "top_k", "score_function", "norm_topk_prob")
+MODEL_FIXED_FIELDS = ("num_experts", "top_k", "score_function", "norm_topk_prob",
+                      "num_groups", "group_topk", "group_score")
 
 
 def router_config(
@@ -46,7 +47,16 @@ def router_config(
         "top_k": int(gate_attr(gate, spec.top_k)),
         "score_function": score_function,
         "norm_topk_prob": model_norm(gate, spec),
+        # group-limited routing (DeepSeek-V3's n_group/topk_group), the sum of a group's
+        # top-2 choice scores as every family with groups computes it; the probe checks it
+        "num_groups": None,
+        "group_topk": None,
+        "group_score": "top2",
     }
+    if spec.groups is not None:
+        n_group, topk_group = (getattr(gate, a) for a in spec.groups)
+        if n_group is not None and topk_group is not None and int(topk_group) < int(n_group):
+            model_values.update(num_groups=int(n_group), group_topk=int(topk_group))
     for key in MODEL_FIXED_FIELDS:
         if key in options and options[key] != model_values[key]:
             raise ValueError(
@@ -59,14 +69,6 @@ def router_config(
             f"{where} uses topk_method={getattr(gate, spec.topk_method)!r}; moebal's router "
             f"reproduces only 'greedy'"
         )
-    if spec.groups is not None:
-        n_group, topk_group = (getattr(gate, a) for a in spec.groups)
-        if n_group is not None and topk_group is not None and int(topk_group) < int(n_group):
-            raise ValueError(
-                f"{where} uses group-limited routing (n_group={n_group}, "
-                f"topk_group={topk_group}), which moebal's router does not implement; "
-                f"set topk_group=n_group in the config to route over all experts"
-            )
     bias_E = model_expert_bias(found)
     if bias_E is not None:
         bias_name = spec.correction_bias or f"block's {spec.block_bias}"

@@ -29,9 +29,11 @@ under ``<block>.moe.router.moebal.balancer.*`` and travels with torchtitan's che
 model for checkpointing (``ModelWrapper`` caches the keys). A balancer is a plain
 ``nn.Module``, so call ``verify_module_protocol`` (if at all) before patching.
 
-Limits, each refused with a ValueError naming the block: group-limited routing
-(``num_limited_groups < num_expert_groups``: moebal's balancers choose over all experts),
-``_debug_force_load_balance``, ``capacity_factor`` (torchtitan's MoE is dropless), a router
+Group-limited routing (``num_limited_groups < num_expert_groups``) becomes moebal's
+``num_groups``/``group_topk`` with torchtitan's group score (the sum of a group's two best
+scores, after the bias the balancer chooses with: ``group_score="top2"``).
+
+Limits, each refused with a ValueError naming the block: ``_debug_force_load_balance``, ``capacity_factor`` (torchtitan's MoE is dropless), a router
 subclass with a forward of its own.
 """
 
@@ -56,7 +58,8 @@ HANDLE_ATTR = "moebal_patch"  # attribute of the patched model holding its handl
 SUBMODULE = "moebal"  # the moebal Router inside each BalancedRouter
 MODEL_BIAS_POLICIES = ("error", "drop", "init")
 # RouterConfig fields fixed by the torchtitan router: accepted only if they agree with it
-FIXED = ("num_experts", "top_k", "score_function", "norm_topk_prob")
+FIXED = ("num_experts", "top_k", "score_function", "norm_topk_prob", "num_groups", "group_topk",
+         "group_score")
 # torchtitan router attributes a BalancedRouter copies (and the Module protocol's ones)
 _ROUTER_ATTRS = ("num_experts", "num_expert_groups", "num_limited_groups", "top_k",
                  "score_func", "route_norm", "route_scale", "_debug_force_load_balance",
@@ -64,10 +67,13 @@ _ROUTER_ATTRS = ("num_experts", "num_expert_groups", "num_limited_groups", "top_
 
 
 def router_config(*, num_experts: int, top_k: int, score_function: str, norm_topk_prob: bool,
-                  balancer: str, options: dict[str, Any]) -> RouterConfig:
+                  balancer: str, options: dict[str, Any], num_groups: Optional[int] = None,
+                  group_topk: Optional[int] = None, group_score: str = "top2") -> RouterConfig:
     """The one place this integration builds a :class:`moebal.routing.RouterConfig`."""
+    groups = ({"num_groups": num_groups, "group_topk": group_topk, "group_score": group_score}
+              if num_groups is not None else {})
     return RouterConfig(num_experts=num_experts, top_k=top_k, score_function=score_function,
-                        norm_topk_prob=norm_topk_prob, balancer=balancer, **options)
+                        norm_topk_prob=norm_topk_prob, balancer=balancer, **groups, **options)
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -274,20 +280,13 @@ def _block_config(name: str, block: MoE, balancer: str, options: dict[str, Any],
     if type(router).forward is not TokenChoiceTopKRouter.forward:
         raise ValueError(f"{where} has a forward of its own; moebal reproduces only "
                          f"torchtitan's TokenChoiceTopKRouter")
-    groups, limited = router.num_expert_groups, router.num_limited_groups
-    if groups is not None and (limited is None or limited < groups):
-        raise ValueError(f"{where} uses group-limited routing (num_expert_groups={groups}, "
-                         f"num_limited_groups={limited}); moebal's balancers choose over all "
-                         f"experts: set num_limited_groups=num_expert_groups")
     if router._debug_force_load_balance:
         raise ValueError(f"{where} has _debug_force_load_balance set (round-robin routing); "
                          f"there is nothing for a balancer to choose")
     if options.get("capacity_factor") is not None:
         raise ValueError(f"{where}: torchtitan's MoE is dropless; capacity_factor "
                          f"{options['capacity_factor']!r} is not supported")
-    model_values = {"num_experts": int(router.num_experts), "top_k": int(router.top_k),
-                    "score_function": router.score_func,
-                    "norm_topk_prob": bool(router.route_norm)}
+    model_values = model_routing(router)
     for key in FIXED:
         if key in options and options[key] != model_values[key]:
             raise ValueError(f"{where} routes with {key}={model_values[key]!r}; moebal cannot "
@@ -306,6 +305,17 @@ def _block_config(name: str, block: MoE, balancer: str, options: dict[str, Any],
     return router_config(balancer=balancer, options=rest, **model_values)
 
 
+def model_routing(router: TokenChoiceTopKRouter) -> dict[str, Any]:
+    """The router-level settings a torchtitan router fixes, as RouterConfig fields."""
+    values = {"num_experts": int(router.num_experts), "top_k": int(router.top_k),
+              "score_function": router.score_func, "norm_topk_prob": bool(router.route_norm),
+              "num_groups": None, "group_topk": None, "group_score": "top2"}
+    groups, limited = router.num_expert_groups, router.num_limited_groups
+    if groups is not None and limited is not None and limited < groups:
+        values.update(num_groups=int(groups), group_topk=int(limited))
+    return values
+
+
 @torch.no_grad()
 def _verify(name: str, block: MoE) -> None:
     """On a random probe, the balanced router with no balancer must compute what the
@@ -314,9 +324,7 @@ def _verify(name: str, block: MoE) -> None:
     weight = router.gate.weight
     generator = torch.Generator().manual_seed(0)
     x_BLD = torch.randn(2, 8, weight.shape[1], generator=generator).to(weight)
-    probe_cfg = router_config(num_experts=router.num_experts, top_k=router.top_k,
-                              score_function=router.score_func,
-                              norm_topk_prob=bool(router.route_norm), balancer="none", options={})
+    probe_cfg = router_config(balancer="none", options={}, **model_routing(router))
     probe = BalancedRouter(router, Router(probe_cfg), name).to(weight.device).eval()
     ref = TokenChoiceTopKRouter.forward(router, x_BLD, None)
     got = probe(x_BLD)

@@ -25,7 +25,9 @@ class RoutingContext:
     capacity drop (set by the router after ``select``, so ``loss`` may use it).
     ``updates``: new values of the balancer's buffers that ``select`` or ``loss`` computed
     in training mode (buffer name -> tensor); the router applies them with
-    :meth:`Balancer.commit` once the forward has succeeded.
+    :meth:`Balancer.commit` once the forward has succeeded. ``allowed_TE``: with
+    group-limited routing, bool ``[T, E]``, True for the experts each token may choose
+    (its chosen groups); every ``select`` chooses only among them. None: all.
     """
 
     logits_TE: torch.Tensor
@@ -33,6 +35,7 @@ class RoutingContext:
     group: Optional["dist.ProcessGroup"] = None
     counts_E: Optional[torch.Tensor] = None
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    allowed_TE: Optional[torch.Tensor] = None
 
 
 @dataclass(kw_only=True)
@@ -82,6 +85,9 @@ class Balancer(nn.Module):
        that choose differently (Sinkhorn, the exact optimum) override ``select``.
        Gate weights never come from here: the router always takes them from the unbiased
        ``scores_TE``.
+       With group-limited routing the router first scores the groups on
+       ``choice_scores(scores_TE, ctx)`` and sets ``ctx.allowed_TE``; ``select`` then
+       chooses only among the allowed experts.
     2. ``loss(scores_TE, indices_TK, ctx) -> scalar``: the auxiliary loss, zero by default.
     3. ``observe(loads_E, ctx)`` with the tokens per expert actually routed (training mode
        only), called when the forward is committed (see below).
@@ -117,8 +123,16 @@ class Balancer(nn.Module):
     def selection_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         return scores_TE
 
+    def choice_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """What this balancer ranks experts by for the batch, with the state it routes with
+        (bias, prices): group-limited routing scores the groups on it. Default:
+        ``selection_scores``."""
+        return self.selection_scores(scores_TE, ctx)
+
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         biased_TE = self.selection_scores(scores_TE, ctx)
+        if ctx.allowed_TE is not None:
+            biased_TE = biased_TE.masked_fill(~ctx.allowed_TE, float("-inf"))
         return torch.topk(biased_TE, top_k, dim=-1, sorted=False).indices
 
     def loss(

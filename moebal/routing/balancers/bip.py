@@ -157,9 +157,15 @@ class BIPBalancer(Balancer):
             self._updated = (version, bool(self.num_updates > 0))
         return self.options.iters if self._updated[1] else self.options.warmup_iters
 
+    def choice_scores(self, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """``s - q`` with the stored q (the q before this batch's update)."""
+        return scores_TE.detach() - self.q_E.to(scores_TE.dtype)
+
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         opts = self.options
         s_TE = scores_TE.detach()
+        if ctx.allowed_TE is not None:  # -inf out of the groups: neither chosen nor priced
+            s_TE = s_TE.masked_fill(~ctx.allowed_TE, float("-inf"))
         q_E = self.q_E.to(s_TE.dtype)
         if not self.training or top_k >= s_TE.shape[1]:
             y_TE = self._ws.get("y_TE", tuple(s_TE.shape), s_TE)

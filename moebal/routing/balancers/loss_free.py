@@ -70,6 +70,8 @@ class LossFree(Balancer):
         # s + b into a reused buffer: it only chooses, it carries no gradient
         biased_TE = self._ws.get("biased", tuple(scores_TE.shape), scores_TE)
         torch.add(scores_TE.detach(), self.bias_E.to(scores_TE.dtype), out=biased_TE)
+        if ctx.allowed_TE is not None:
+            biased_TE.masked_fill_(~ctx.allowed_TE, float("-inf"))
         return topk_indices(biased_TE, top_k)
 
     def observe(self, loads_E: torch.Tensor, ctx: RoutingContext) -> None:

@@ -248,12 +248,27 @@ def optimal_routing(scores_TE: torch.Tensor, top_k: int, warm_iters: int = 50) -
     return x_NE[:T].nonzero()[:, 1].view(T, K)
 
 
+def forbid_outside(scores_TE: torch.Tensor, allowed_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Scores with every pair outside ``allowed_TE`` lowered by more than any routing can
+    gain elsewhere (``T K`` times the score span, plus 1): the optimum of the balanced
+    program on them uses as few such pairs as balance allows, and none where the allowed
+    pairs alone admit a balanced routing."""
+    span = float(scores_TE.max() - scores_TE.min()) if scores_TE.numel() else 0.0
+    penalty = scores_TE.shape[0] * top_k * span + 1.0
+    return torch.where(allowed_TE, scores_TE, scores_TE - penalty)
+
+
 @register_balancer("optimal")
 class OptimalBalancer(Balancer):
     """Each batch routed by the exact balanced optimum (:func:`optimal_routing`).
 
     ``options.solver``: "flow" (successive shortest paths, the default) or "highs" (the LP
     by HiGHS's simplex, :func:`optimal_routing_lp`); both exact.
+
+    Under a group limit (``RouterConfig.num_groups``) the pairs outside each token's
+    groups get a prohibitive score (:func:`forbid_outside`): the limit holds wherever a
+    balanced routing inside the groups exists; where none does, balance wins and the
+    limit is broken on as few token-slots as it needs.
 
     A reference, not a training method: it needs the whole batch, runs an LP on the CPU per
     batch, and loads are equal (up to the floor/ceil of ``T K / E``) by construction. Same
@@ -271,6 +286,8 @@ class OptimalBalancer(Balancer):
             check_choice("optimal_solver", self.solver, ("flow", "highs"))
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
+        if ctx.allowed_TE is not None:
+            scores_TE = forbid_outside(scores_TE.detach().double(), ctx.allowed_TE, top_k)
         if self.options.solver == "highs":
             return optimal_routing_lp(scores_TE, top_k)
         return optimal_routing(scores_TE, top_k)

@@ -64,10 +64,16 @@ class SinkhornBalancer(Balancer):
             check_number("sinkhorn_tol", self.tol, low=0.0, low_open=True)
 
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
+        allowed_TE = ctx.allowed_TE
         if not self.training:
+            if allowed_TE is not None:
+                scores_TE = scores_TE.masked_fill(~allowed_TE, float("-inf"))
             return topk_indices(scores_TE, top_k)
         with torch.no_grad():
-            balanced_TE = sinkhorn(
-                ctx.logits_TE.detach().float(), self.options.tol, self.options.iters
-            )
+            logits_TE = ctx.logits_TE.detach().float()
+            if allowed_TE is not None:  # exp(-inf) = 0: no mass on experts out of the groups
+                logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
+            balanced_TE = sinkhorn(logits_TE, self.options.tol, self.options.iters)
+            if allowed_TE is not None:
+                balanced_TE.masked_fill_(~allowed_TE, float("-inf"))
         return topk_indices(balanced_TE, top_k)
