@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -43,6 +45,10 @@ def make_rows(rows: int, n: int, kind: str, dtype: torch.dtype, seed: int) -> to
         choices = torch.tensor([-big, -big / 2, -tiny, 0.0, tiny, big / 2, big])
         x = choices[torch.randint(0, len(choices), (rows, n), generator=g)]
         x = x * (1 - 0.25 * torch.rand(rows, n, generator=g))
+    elif kind == "inf":  # what quantile's group-limited routing makes: -inf where not allowed,
+        x = torch.randn(rows, n, generator=g)  # +inf for a token with at most K experts
+        draw = torch.rand(rows, n, generator=g)
+        x = x.masked_fill(draw < 0.3, -math.inf).masked_fill(draw > 0.97, math.inf)
     else:  # sorted rows: a strided sample sees an ordered, not a random, subset
         x = torch.randn(rows, n, generator=g).sort(dim=1).values
     return x.to(dtype)
@@ -53,7 +59,7 @@ def make_rows(rows: int, n: int, kind: str, dtype: torch.dtype, seed: int) -> to
     rows=st.integers(1, 6),
     n=st.integers(1, 6000),
     k_frac=st.floats(0.0, 1.0),
-    kind=st.sampled_from(["normal", "ties", "extreme", "sorted"]),
+    kind=st.sampled_from(["normal", "ties", "extreme", "sorted", "inf"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
@@ -70,7 +76,7 @@ def test_kth_largest_equals_kthvalue(rows, n, k_frac, kind, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["normal", "ties", "extreme", "sorted"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "extreme", "sorted", "inf"])
 @pytest.mark.parametrize("rows,n,k", [(64, 16384, 2049), (16, 16384, 2049), (256, 4096, 129)])
 def test_balancer_shapes_are_exact(monkeypatch, rows, n, k, kind, dtype):
     """The expert side of quantile and BIP: (c + 1)-th largest, c = T K / E."""

@@ -17,7 +17,8 @@ passes:
 A row whose bracket misses (``above >= k``, or fewer than ``k`` values ``>= lo``: an
 unlucky sample, or many ties) falls back to the full ``torch.topk`` for that row only, and
 a matrix whose bracket holds too many values (heavy ties) falls back entirely: the result
-is the exact k-th largest for every input without NaN. Ties count with multiplicity.
+is the exact k-th largest for every input without NaN (±inf included). Ties count with
+multiplicity.
 
 Measured (2-core CPU, torch 2.13, cold caches, one thread): 8-23% less time than
 ``torch.topk`` at 64 x 16384 to 64 x 131072, none at 256 x 4096; on two threads
