@@ -91,17 +91,17 @@ def test_balancer_shapes_take_the_bracket(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     spy = CountingTopk()
     monkeypatch.setattr(select, "topk_kth_largest", spy)
-    x = make_rows(64, 16384, "normal", torch.float32, seed=5)
-    assert torch.equal(kth_largest(x, 2049, dim=1), reference(x, 2049))
-    assert spy.rows and all(r * w < 64 * 16384 // 8 for r, w in spy.rows)
+    x = make_rows(8, 65536, "normal", torch.float32, seed=5)
+    assert torch.equal(kth_largest(x, 8193, dim=1), reference(x, 8193))
+    assert spy.rows and all(r * w < 8 * 65536 // 4 for r, w in spy.rows)
     small = make_rows(16, 4096, "normal", torch.float32, seed=5)
     spy.rows.clear()
     assert torch.equal(kth_largest(small, 513, dim=1), reference(small, 513))
     assert spy.rows == [(16, 4096)]  # below MIN_SIZE: torch.topk directly
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     spy.rows.clear()
-    assert torch.equal(kth_largest(x, 2049, dim=1), reference(x, 2049))
-    assert spy.rows == [(64, 16384)]  # two threads: torch.topk
+    assert torch.equal(kth_largest(x, 8193, dim=1), reference(x, 8193))
+    assert spy.rows == [(8, 65536)]  # two threads: torch.topk
 
 
 def test_huge_and_tiny_rows(monkeypatch):

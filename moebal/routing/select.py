@@ -20,8 +20,9 @@ a matrix whose bracket holds too many values (heavy ties) falls back entirely: t
 is the exact k-th largest for every input without NaN (±inf included). Ties count with
 multiplicity.
 
-Measured (2-core CPU, torch 2.13, cold caches, one thread): 8-23% less time than
-``torch.topk`` at 64 x 16384 to 64 x 131072, none at 256 x 4096; on two threads
+Measured (2-core CPU, torch 2.13, cold caches, one thread): 15-18% less time than
+``torch.topk`` at 64 x 65536 and 64 x 131072, about the same at 64 x 16384 and more at
+256 x 4096 (hence ``MIN_ROW``); on two threads
 it loses under load (see ``MAX_THREADS``) and :func:`fast_kth_largest` then keeps to
 ``torch.topk``. docs/benchmarks.md, "Router", has the figures.
 """
@@ -43,9 +44,10 @@ SAMPLE_RUN = 16
 # about 5% of rows, costs one torch.topk of that row)
 SPREAD = 2.0
 # rows shorter than this, or matrices smaller than MIN_SIZE, go to torch.topk directly:
-# the fixed cost of the bracket's twenty-odd tensor operations does not pay off there (at
-# 256 x 4096 it measured up to 10% slower than torch.topk)
-MIN_ROW = 8192
+# the fixed cost of the bracket's twenty-odd tensor operations does not pay off there (in
+# the router benchmark, one thread, it was 4% slower to 4% faster at 64 x 16384 and up to
+# 25% slower at 256 x 4096; 15-18% faster from 64 x 65536 on)
+MIN_ROW = 65536
 MIN_SIZE = 1 << 19
 # the bracket runs only with at most this many intra-op threads, and only on CPU. Its passes
 # are bound by memory and each is a parallel region, while torch.topk is one region bound
