@@ -1,21 +1,26 @@
 """Selection kernels the balancers share: exact k-th largest values and top-k indices.
 
-Pure functions on tensors, built on ``torch.topk`` (``torch.kthvalue`` measured slower here
-for every shape the balancers use). On CPU ``torch.topk`` costs about the same per element
-whatever k is for short rows, and much less for small k on long rows; along dim 0 it is
-faster on a contiguous transposed copy than in place.
+Pure functions on tensors. On CPU ``torch.topk`` costs about the same per element whatever
+k is for short rows, and much less for small k on long rows; along dim 0 it is faster on a
+contiguous transposed copy than in place (``torch.kthvalue`` measured slower than it for
+every shape the balancers use). A large k on long rows (the expert side of BIP and quantile
+balancing) goes to the sampled-bracket selection of :mod:`moebal.routing.select`, exact
+and several times faster.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moebal.routing.select import fast_kth_largest
+
 
 def kth_largest(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """The exact ``k``-th largest value of a 2-D ``x`` along ``dim`` (``k`` counts from 1).
 
     Ties count with multiplicity (the 2nd largest of ``[3, 3, 1]`` is 3). Returns ``x``
-    with ``dim`` removed. ``k`` must be in ``1..x.shape[dim]``.
+    with ``dim`` removed. ``k`` must be in ``1..x.shape[dim]``. ``x`` holds no NaN (the
+    router rejects non-finite logits).
     """
     if x.dim() != 2 or dim not in (0, 1, -1, -2):
         raise ValueError(f"kth_largest takes a 2-D tensor and dim 0 or 1, got {tuple(x.shape)}, {dim}")
@@ -29,9 +34,7 @@ def kth_largest(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         return x.amax(dim=1)
     if k == n:
         return x.amin(dim=1)
-    if k <= n - k + 1:
-        return torch.topk(x, k, dim=1, sorted=False).values.amin(dim=1)
-    return torch.topk(x, n - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1)
+    return fast_kth_largest(x, k)
 
 
 def topk_indices(x_TE: torch.Tensor, k: int) -> torch.Tensor:
