@@ -70,7 +70,9 @@ def excess_ET(
     T, E = logits_TE.shape
     ws = ws if ws is not None else Workspace()
     x_ET = ws.get("x_ET", (E, T), logits_TE)
-    torch.sub(logits_TE.t(), alpha_T, out=x_ET)
+    # a transposing copy, then a contiguous subtraction: one strided ``torch.sub(l.t(),
+    # alpha, out=)`` measured 6x slower on the CPU (7.3 ms vs 1.3 ms at 16384 x 64)
+    x_ET.copy_(logits_TE.t()).sub_(alpha_T)
     if allowed_TE is not None:
         x_ET.masked_fill_(~allowed_TE.t(), float("-inf"))
     return x_ET
