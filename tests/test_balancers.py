@@ -71,6 +71,36 @@ def test_aux_loss_is_alpha_when_balanced_and_has_a_gradient():
     assert scores.grad is not None and torch.all(scores.grad > 0)
 
 
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("balancer", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
+def test_every_aux_loss_is_alpha_at_perfect_balance(balancer, score_function):
+    # token t prefers experts t % E and (t+1) % E: every expert is chosen equally often and
+    # every row of scores is a rotation of the first, so P is uniform after normalising
+    E, K, alpha, cycles = 8, 2, 1e-2, 3
+    row = torch.tensor([3.0, 2.5] + [-1.0 - 0.1 * j for j in range(E - 2)])
+    logits = torch.stack([row.roll(t) for t in range(E * cycles)])
+    cfg = RouterConfig(num_experts=E, top_k=K, balancer=balancer, aux_loss_coeff=alpha,
+                       score_function=score_function)
+    router = Router(cfg).train()
+    out = router(logits, seq_len=E)
+    assert torch.bincount(out.indices_TK.flatten(), minlength=E).tolist() == [K * cycles] * E
+    assert float(out.aux_loss) == pytest.approx(alpha, rel=1e-5)
+
+
+def test_sigmoid_aux_loss_takes_p_from_scores_normalised_over_experts():
+    torch.manual_seed(4)
+    T, E, K, alpha = 10, 6, 2, 0.2
+    logits = torch.randn(T, E)
+    out = Router(RouterConfig(num_experts=E, top_k=K, balancer="aux_loss", aux_loss_coeff=alpha,
+                              score_function="sigmoid"))(logits)
+    sig = [[1 / (1 + math.exp(-v)) for v in row] for row in logits.tolist()]
+    s = [[v / sum(r) for v in r] for r in sig]
+    chosen = chosen_sets(out.indices_TK)
+    loss = sum(E / (K * T) * sum(j in c for c in chosen) * sum(s[i][j] for i in range(T)) / T
+               for j in range(E))
+    assert float(out.aux_loss) == pytest.approx(alpha * loss, rel=1e-5)
+
+
 def test_seq_aux_loss_matches_per_sequence_sums():
     torch.manual_seed(1)
     B, S, E, K, alpha = 3, 6, 5, 2, 0.5

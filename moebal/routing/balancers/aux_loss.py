@@ -38,12 +38,27 @@ def switch_aux_loss(
     return loss * (scale / num_tokens)
 
 
+def aux_loss_scores(scores_TE: torch.Tensor, score_function: str) -> torch.Tensor:
+    """The scores P is taken from: normalised to sum 1 over the experts.
+
+    Softmax scores already do (returned as they are). Sigmoid scores do not: at perfect
+    balance their mean over tokens is about ``E * mean(s)`` times too large, so the loss
+    would be far above alpha. Megatron-core normalises them the same way
+    (``compute_routing_scores_for_aux_loss``).
+    """
+    if score_function == "softmax":
+        return scores_TE
+    return scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+
+
 @register_balancer("aux_loss")
 class AuxLoss(Balancer):
     """Plain top-k choice; the loss ``alpha * E * sum_j f_j P_j`` pushes scores to balance.
 
     ``f_j = #tokens choosing j / (K T)`` (before capacity drops), ``P_j = mean_i s_ij`` over
-    the batch; alpha = ``options.coeff``. Equals alpha when perfectly balanced.
+    the batch, of the scores normalised over the experts (:func:`aux_loss_scores`, a no-op
+    for softmax); alpha = ``options.coeff``. Equals alpha when perfectly balanced, for
+    either score function.
     """
 
     @dataclass(kw_only=True)
@@ -63,4 +78,5 @@ class AuxLoss(Balancer):
         if counts_E is None:
             counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
         T, K = scores_TE.shape[0], indices_TK.shape[1]
+        scores_TE = aux_loss_scores(scores_TE, self.config.score_function)
         return switch_aux_loss(scores_TE, counts_E, T, K, self.options.coeff)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from moebal.routing.balancers.collectives import all_reduce_sum_
-from moebal.routing.balancers.aux_loss import AuxLoss, switch_aux_loss
+from moebal.routing.balancers.aux_loss import AuxLoss, aux_loss_scores, switch_aux_loss
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,6 +63,7 @@ class GlobalAuxLoss(Balancer):
             ctx.updates["counts_sum_E"] = counts_E
             ctx.updates["tokens_sum"] = tokens
             ctx.updates["micro_batches"] = self.micro_batches + 1
+        scores_TE = aux_loss_scores(scores_TE, self.config.score_function)
         return switch_aux_loss(scores_TE, counts_E, tokens, K, self.options.coeff)
 
     def step(self, group: Optional["dist.ProcessGroup"] = None) -> None:

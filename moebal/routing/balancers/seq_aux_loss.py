@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moebal.routing.balancers.aux_loss import AuxLoss
+from moebal.routing.balancers.aux_loss import AuxLoss, aux_loss_scores
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
 
 
@@ -37,8 +37,7 @@ class SeqAuxLoss(Balancer):
         K = indices_TK.shape[1]
         S = T if ctx.seq_len is None else ctx.seq_len
         B = T // S
-        if self.config.score_function != "softmax":
-            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        scores_TE = aux_loss_scores(scores_TE, self.config.score_function)
         probs_BE = scores_TE.view(B, S, E).mean(dim=1)
         if B == 1 and ctx.counts_E is not None:
             counts_BE = ctx.counts_E.view(1, E)
