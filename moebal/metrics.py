@@ -194,9 +194,15 @@ class BalanceTracker:
 
     def max_vio_global(self, reset: bool = True) -> float:
         """Layer-averaged MaxVio of the accumulated evaluation loads (then cleared if reset)."""
+        layers = self.max_vio_global_per_layer(reset)
+        return float(layers.mean()) if layers.size else float("nan")
+
+    def max_vio_global_per_layer(self, reset: bool = True) -> np.ndarray:
+        """Each layer's MaxVio of the accumulated evaluation loads (then cleared if reset);
+        empty before any evaluation batch."""
         if self._global_LE is None:
-            return float("nan")
-        value = float(max_violation_per_layer(self._global_LE, self._global_slots).mean())
+            return np.zeros(0)
+        value = max_violation_per_layer(self._global_LE, self._global_slots)
         if reset:
             self._global_LE, self._global_slots = None, 0.0
         return value
@@ -219,3 +225,30 @@ class BalanceTracker:
         # a state saved before drops were recorded: none were counted
         dropped = state.get("dropped", [[0.0] * self.num_layers for _ in self.steps])
         self.dropped = [np.asarray(row, dtype=np.float64) for row in dropped]
+
+
+def optimal_score_gap(scores_TE: torch.Tensor, indices_TK: torch.Tensor,
+                      kept_TK: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """How far a routing's score is from the exact balanced optimum of the same batch.
+
+    ``S`` is the sum of the routing scores of the chosen (and kept) token-expert slots;
+    ``S_opt`` that of the best routing in which every expert takes its balanced share of
+    the T*K slots (:func:`moebal.routing.balancers.optimal.optimal_routing`), ``S_top`` that
+    of plain top-k (the unconstrained best). Returns ``{"gap": (S_opt - S) / S_opt,
+    "price_of_balance": (S_top - S_opt) / S_top, "score": S, "optimal": S_opt,
+    "topk": S_top}``. A negative gap means the routing took more score than any balanced
+    routing can: it is not balanced.
+    """
+    from moebal.routing.balancers.optimal import optimal_routing
+
+    scores_TE = scores_TE.detach().float()
+    K = indices_TK.shape[1]
+    chosen_TK = scores_TE.gather(1, indices_TK)
+    if kept_TK is not None:
+        chosen_TK = chosen_TK * kept_TK
+    s = float(chosen_TK.sum())
+    s_opt = float(scores_TE.gather(1, optimal_routing(scores_TE, K)).sum())
+    s_top = float(torch.topk(scores_TE, K, dim=-1).values.sum())
+    return {"gap": (s_opt - s) / s_opt if s_opt else float("nan"),
+            "price_of_balance": (s_top - s_opt) / s_top if s_top else float("nan"),
+            "score": s, "optimal": s_opt, "topk": s_top}

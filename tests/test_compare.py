@@ -66,7 +66,7 @@ def test_compare_two_balancers_end_to_end(tmp_path, text_file, capsys):
         assert run["load_snapshots"][0]["step"] == 1
         assert (out / run["run_dir"] / "run.json").is_file()
         assert not (out / run["run_dir"] / "checkpoint.pt").exists()
-    assert results["config"]["balancer_options"]["aux_loss"] == {"aux_loss_coeff": 0.01}
+    assert results["config"]["balancer_options"]["aux_loss"] == {"aux_loss_coeff": 0.001}
     assert results["command"].startswith("moebal compare --preset micro --balancers none,aux_loss")
     for name in ("report.md", "report.html", "plots/max_vio_batch.png", "plots/val_ppl.png",
                  "plots/load_heatmaps.png", "plots/router_overhead.png"):

@@ -45,8 +45,18 @@ __all__ = ["Plan", "add_arguments", "command_line", "make_plan", "parse_balancer
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--balancers", default=",".join(DEFAULT_BALANCERS),
-                        help="comma-separated balancers to compare (default: %(default)s; "
-                             "also global_aux_loss, sinkhorn, optimal)")
+                        help="comma-separated balancers or variants to compare (default: "
+                             "%(default)s; also global_aux_loss, loss_free_softmax, sinkhorn, "
+                             "optimal; see docs/compare.md for each variant's setting)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="VARIANT[.OPTION=V1,V2]",
+                        help="also train a grid of one option of a compared variant: VARIANT "
+                             "alone sweeps its default grid (aux_loss: aux_loss_coeff 1e-4, "
+                             "1e-3, 1e-2; loss_free: bias_update_rate 1e-4, 1e-3, 1e-2; bip: "
+                             "bip_iters 2, 4, 8); the report gives the best by validation "
+                             "beside the paper setting. Repeatable")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train N runs at a time, each in its own process (default: "
+                             "%(default)s); on a CPU give each run its own cores")
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train each balancer with seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
@@ -103,6 +113,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--set", item]
     for item in args.balancer_options:
         parts += ["--balancer-option", item]
+    for item in args.sweep:
+        parts += ["--sweep", item]
     if args.keep_checkpoints:
         parts.append("--keep-checkpoints")
     return shlex.join(parts)
@@ -117,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         overrides=args.overrides,
         balancer_options=args.balancer_options,
+        sweep=args.sweep,
         data=args.data,
         tokenizer=args.tokenizer,
         text_field=args.text_field,
@@ -128,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_comparison(
         plan, args.out, resume=args.resume, force=args.force,
         keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
+        jobs=args.jobs,
     )
     failed = [r for r in results["runs"] if r["status"] == "failed"]
     out = Path(args.out)

@@ -12,39 +12,30 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from moebal.data import DataConfig
 from moebal.fileio import json_clean
-from moebal.routing import BALANCERS, balancer_defaults, router_option_names
+from moebal.report.variants import (
+    DEFAULT_VARIANTS,
+    Variant,
+    get_variant,
+    parse_sweep,
+    sweep_variants,
+)
+from moebal.routing import balancer_defaults, router_option_names
 from moebal.train import RESUME_FREE_FIELDS, apply_overrides, get_preset
 from moebal.train.context import resolve_device
 from moebal.train.presets import parse_value
 
-DEFAULT_BALANCERS = ("none", "aux_loss", "seq_aux_loss", "loss_free", "bip", "quantile")
+DEFAULT_BALANCERS = DEFAULT_VARIANTS
 DEFAULT_PRESET = "tiny"
 DEFAULT_OUT = "runs/compare"
 
-# The coefficients each balancer is compared with (flat option names); the other options
-# the balancer reads keep its config's defaults (moebal.routing.balancer_defaults) and are
-# recorded too.
-#  aux_loss      alpha = 1e-2: Switch Transformer's value and Megatron-core's usual setting.
-#  seq_aux_loss  alpha = 1e-2 as well, so that it differs from aux_loss only in scope (f and
-#                P per sequence instead of per batch). DeepSeek-V3's 1e-4 is the strength of
-#                a complement to its bias balancer, too weak to balance on its own.
-#  global_aux_loss  as aux_loss.
-#  loss_free     u = 1e-3 with the sign update: the Loss-Free paper's best rate.
-#  bip           4 dual iterations per batch (the paper does not give T_iter), prices from
-#                the batch being routed, as the paper describes.
-#  quantile      one quantile step per batch, no EMA (Megatron-LM's default).
-BALANCER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "aux_loss": {"aux_loss_coeff": 1e-2},
-    "seq_aux_loss": {"aux_loss_coeff": 1e-2},
-    "global_aux_loss": {"aux_loss_coeff": 1e-2},
-    "loss_free": {"bias_update_rate": 1e-3, "bias_update": "sign"},
-    "bip": {"bip_iters": 4, "bip_order": "paper"},
-    "quantile": {"quantile_ema": 0.0},
-}
+# Each variant's options and why it is compared at them: moebal.report.variants.VARIANTS.
+# The other options a balancer reads keep its config's defaults
+# (moebal.routing.balancer_defaults) and are recorded too.
 
 # CPU threads per training run unless --set threads=N says otherwise. On the shared 2-core
 # machine the tiny preset ran 19x slower per step with two threads than with one (15 steps:
@@ -56,16 +47,13 @@ CPU_THREADS = 1
 
 # --------------------------------------------------------------------------- the plan
 def parse_balancers(spec: Union[str, Sequence[str]]) -> list[str]:
-    """Balancer names from "a,b,c" (or a list); ValueError for unknown or repeated names."""
+    """Variant names from "a,b,c" (or a list); ValueError for unknown or repeated names."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     if not names:
         raise ValueError(f"no balancer named in {spec!r}")
-    unknown = [n for n in names if n not in BALANCERS]
-    if unknown:
-        raise ValueError(
-            f"unknown balancer(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(BALANCERS))}"
-        )
+    for n in names:
+        get_variant(n)  # ValueError naming an unknown one
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"balancer(s) named twice: {', '.join(repeated)}")
@@ -74,17 +62,18 @@ def parse_balancers(spec: Union[str, Sequence[str]]) -> list[str]:
 
 def parse_balancer_options(items: Iterable[str], balancers: Sequence[str],
                            router_options: Optional[dict] = None) -> dict[str, dict]:
-    """Each balancer's options: {method: {option: value}}.
+    """Each variant's options: {variant: {option: value}}.
 
-    Precedence: ``METHOD.OPTION=VALUE`` strings (``items``), then the options every run
-    shares (``router_options``, from the preset and ``--set router.X=...``), then
-    :data:`BALANCER_DEFAULTS`, then the defaults of the options the balancer reads (its
-    typed config's, ``moebal.routing.balancer_defaults``).
+    Precedence: ``VARIANT.OPTION=VALUE`` strings (``items``), then the options every run
+    shares (``router_options``, from the preset and ``--set router.X=...``), then the
+    variant's own (:data:`moebal.report.variants.VARIANTS`), then the defaults of the
+    options the balancer reads (its typed config's, ``moebal.routing.balancer_defaults``).
     """
     known = set(router_option_names()) - {"num_experts", "top_k"}
     options = {}
     for m in balancers:
-        options[m] = {**balancer_defaults(m), **BALANCER_DEFAULTS.get(m, {})}
+        variant = get_variant(m)
+        options[m] = {**balancer_defaults(variant.balancer), **variant.options}
         for name in options[m]:
             if router_options and name in router_options:
                 options[m][name] = router_options[name]
@@ -109,7 +98,7 @@ class Plan:
     """Everything one comparison trains: per method a ModelConfig, per seed a TrainConfig."""
 
     preset: str
-    balancers: list[str]
+    balancers: list[str]  # variant names, in report order
     seeds: list[int]
     model: Any  # ModelConfig, balancer "none", before vocabulary resolution
     train: Any  # TrainConfig, seed 0
@@ -117,17 +106,26 @@ class Plan:
     data: Any  # DataConfig
     device: str  # resolved: "cpu" or "cuda"
     command: str
+    sweeps: dict[str, tuple[str, list[Any]]] = dataclasses.field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        return get_variant(name)
 
     def model_config(self, method: str):
         opts = {**self.model.router_options, **self.balancer_options.get(method, {})}
-        return dataclasses.replace(self.model, balancer=method, router_options=opts)
+        return dataclasses.replace(self.model, balancer=self.variant(method).balancer,
+                                   router_options=opts)
 
     def train_config(self, seed: int):
         return dataclasses.replace(self.train, seed=seed, device=self.device)
 
     def runs(self) -> list[tuple[str, int]]:
-        """Seed-major order: every method on seed 0 first, so a partial run compares."""
-        return [(m, s) for s in self.seeds for m in self.balancers]
+        """Seed-major order: every method on seed 0 first, so a partial run compares; the
+        points of ``--sweep`` after all the others."""
+        swept = {n for n in self.balancers if self.variant(n).setting == "sweep"}
+        main = [m for m in self.balancers if m not in swept]
+        return ([(m, s) for s in self.seeds for m in main]
+                + [(m, s) for s in self.seeds for m in self.balancers if m in swept])
 
 
 def make_plan(
@@ -138,6 +136,7 @@ def make_plan(
     steps: Optional[int] = None,
     overrides: Sequence[str] = (),
     balancer_options: Sequence[str] = (),
+    sweep: Sequence[str] = (),
     data: Optional[str] = None,
     tokenizer: Optional[str] = None,
     text_field: str = "text",
@@ -148,6 +147,14 @@ def make_plan(
 ) -> Plan:
     """Check every input and build the plan; ValueError before anything is trained."""
     names = parse_balancers(balancers)
+    sweeps = parse_sweep(sweep)
+    for base, (option, values) in sweeps.items():
+        if base not in names:
+            raise ValueError(f"--sweep {base!r}: {base!r} is not among the compared balancers "
+                             f"({', '.join(names)})")
+        if option not in router_option_names():
+            raise ValueError(f"--sweep {base!r}: unknown router option {option!r}")
+        names += [n for n in sweep_variants(get_variant(base), option, values) if n not in names]
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
     model_cfg, train_cfg = get_preset(preset)
@@ -164,13 +171,20 @@ def make_plan(
     user_threads = any(o.split("=", 1)[0].strip().replace("-", "_") == "threads" for o in overrides)
     if resolved == "cpu" and not user_threads:
         train_cfg = dataclasses.replace(train_cfg, threads=CPU_THREADS)
+    # every run records what the report's gap-to-optimal and cluster columns are made of,
+    # unless --set says otherwise
+    user = {o.split("=", 1)[0].strip().replace("-", "_") for o in overrides}
+    extra = {k: True for k in ("trace", "optimal_gap") if k not in user}
+    if "trace" in extra and train_cfg.global_batch % train_cfg.trace_shards:
+        extra["trace_shards"] = math.gcd(train_cfg.global_batch, train_cfg.trace_shards)
+    train_cfg = dataclasses.replace(train_cfg, **extra)
     options = parse_balancer_options(balancer_options, names, model_cfg.router_options)
     # building every method's config validates its router options now, not mid-comparison
     plan = Plan(preset, names, list(range(seeds)), model_cfg, train_cfg, options,
                 DataConfig(path=data, tokenizer=tokenizer, text_field=text_field,
                            vocab_size=vocab_size if vocab_size is not None else model_cfg.vocab_size,
                            cache_dir=cache_dir),
-                resolved, command)
+                resolved, command, sweeps)
     for m in names:
         plan.model_config(m).validate()
     plan.train_config(0).validate()
@@ -193,6 +207,10 @@ def experiment_config(plan: Plan, corpus) -> dict[str, Any]:
         "seeds": list(plan.seeds),
         "balancers": list(plan.balancers),
         "balancer_options": copy.deepcopy(plan.balancer_options),
+        "variants": {m: plan.variant(m).to_dict(plan.balancer_options[m]) for m in plan.balancers},
+        "sweep": {base: {"option": option, "values": list(values), "paper": base,
+                         "variants": sweep_variants(get_variant(base), option, values)}
+                  for base, (option, values) in plan.sweeps.items()},
         "model": model,
         "train": train,
         "device": plan.device,
@@ -212,7 +230,8 @@ def describe_data(plan: Plan, corpus) -> str:
 
 # Fields that may differ between an interrupted comparison and the one resuming it: of the
 # config block, these keys; of its training config, those a resumed run may change.
-FREE_KEYS = ("seeds", "balancers", "balancer_options", "data", "params_total", "params_active")
+FREE_KEYS = ("seeds", "balancers", "balancer_options", "variants", "sweep", "data",
+             "params_total", "params_active")
 FREE_TRAIN = RESUME_FREE_FIELDS
 
 
@@ -246,5 +265,8 @@ def run_fingerprint(config: dict, method: str) -> str:
     key = {k: v for k, v in config.items() if k not in FREE_KEYS and k != "train"}
     key["train"] = {k: v for k, v in config.get("train", {}).items() if k not in FREE_TRAIN}
     key["options"] = config.get("balancer_options", {}).get(method, {})
+    variant = config.get("variants", {}).get(method)
+    if variant is not None:
+        key["balancer"] = variant["balancer"]
     text = json.dumps(json_clean(key), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -24,8 +24,9 @@ import moebal.train as train_pkg
 from moebal.data import resolve_corpus
 from moebal.fileio import atomic_write_json, json_clean, remove_stale_temp_files
 from moebal.report.plan import Plan, config_differences, experiment_config, run_fingerprint
+from moebal.report.simcolumn import simulate_run
 from moebal.report.results import RESULTS_FILE, SCHEMA, load_results
-from moebal.train import ResumeError, RunDir, TrainResult
+from moebal.train import ResumeError, RunDir, RunInterrupted, TrainResult
 from moebal.train.results import finite_or_none
 
 RUN_RECORD = "run.json"
@@ -74,10 +75,13 @@ def check_out_dir(out: Path, config: dict, resume: bool, force: bool) -> Optiona
 # --------------------------------------------------------------------------- one run
 def run_record(method: str, seed: int, run_dir: Path, out: Path,
                result: Optional[TrainResult] = None,
-               failure: Optional[dict] = None) -> dict[str, Any]:
-    """One row of results.json from a run's TrainResult (None: it stopped with an error)."""
+               failure: Optional[dict] = None, balancer: Optional[str] = None,
+               sim: Optional[dict] = None) -> dict[str, Any]:
+    """One row of results.json from a run's TrainResult (None: it stopped with an error);
+    ``sim``: its trace replayed on a cluster (:mod:`moebal.report.simcolumn`)."""
     row: dict[str, Any] = {
         "method": method,
+        "balancer": balancer or method,
         "seed": seed,
         "status": "failed" if failure else "ok",
         "failure": failure,
@@ -100,11 +104,17 @@ def run_record(method: str, seed: int, run_dir: Path, out: Path,
             tokens_per_s=f(result.tokens_per_s),
             router_time_share=f(result.router_time_share),
             dropped_frac=f(result.dropped_frac),
+            sup_max_vio_layers=f(result.sup_max_vio_layers),
+            max_vio_global_layers=f(result.max_vio_global_layers),
+            optimal_gap=f(result.optimal_gap),
+            price_of_balance=f(result.price_of_balance),
+            optimal_gap_samples=int(result.optimal_gap_samples),
             params=int(result.params),
             active_params=int(result.active_params),
         )
     else:
         row.update(steps=(failure or {}).get("step", 1) - 1, tokens=0)
+    row["sim"] = sim
     row["series"] = result.series if result is not None else {}
     row["load_snapshots"] = result.load_snapshots if result is not None else []
     return json_clean(row)
@@ -145,7 +155,15 @@ def train_one(plan: Plan, method: str, seed: int, corpus, out: Path, *, resume: 
                    "kind": DIVERGED}
         print(f"moebal compare: {method} seed {seed} diverged at step {result.diverged_step}; "
               "going on with the others", file=sys.stderr)
-    row = run_record(method, seed, run_dir, out, result, failure)
+    sim = None
+    if failure is None and result is not None:
+        try:
+            sim = simulate_run(run_dir / "trace.npz")
+        except (ValueError, RuntimeError) as exc:  # a column of the report, not the run
+            print(f"moebal compare: {method} seed {seed}: trace not simulated ({exc})",
+                  file=sys.stderr)
+    row = run_record(method, seed, run_dir, out, result, failure,
+                     balancer=plan.variant(method).balancer, sim=sim)
     atomic_write_json(run_dir / RUN_RECORD, {**row, "fingerprint": fingerprint})
     if not keep_checkpoints and (failure is None or failure["kind"] == DIVERGED):
         RunDir(run_dir).checkpoint().unlink(missing_ok=True)
@@ -208,14 +226,20 @@ def run_comparison(
     keep_checkpoints: bool = False,
     progress: bool = True,
     report: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train every method x seed of ``plan`` into ``out`` and return the results dict.
+
+    ``jobs`` > 1 trains that many runs at a time, each in a process of its own (spawned;
+    results are the same as one at a time: every run is seeded and single-process).
 
     results.json is rewritten after every run, so an interruption loses at most the run in
     progress (and that one continues from its checkpoint); the report is written at the
     end (and, for what finished, on interruption).
     """
     out = Path(out)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")
     with RunDir(out).locked():
@@ -224,12 +248,71 @@ def run_comparison(
         config = experiment_config(plan, corpus)
         previous = check_out_dir(out, config, resume, force)
         return _run_plan(plan, out, corpus, config, previous, resume=resume,
-                         keep_checkpoints=keep_checkpoints, progress=progress, report=report)
+                         keep_checkpoints=keep_checkpoints, progress=progress, report=report,
+                         jobs=jobs)
+
+
+def _add_row(results: dict, config: dict, row: dict) -> None:
+    if "params" in row:
+        config.setdefault("params_total", row["params"])
+        config.setdefault("params_active", row["active_params"])
+    results["runs"].append(row)
+
+
+def _train_task(plan: Plan, method: str, seed: int, corpus, out: Path, resume: bool,
+                keep_checkpoints: bool, fingerprint: str) -> tuple[str, Any]:
+    """One run in a worker process: ("row", row) or ("interrupted", message)."""
+    try:
+        return "row", train_one(plan, method, seed, corpus, out, resume=resume,
+                                keep_checkpoints=keep_checkpoints, progress=False,
+                                fingerprint=fingerprint)
+    except RunInterrupted as exc:  # its constructor's arguments do not pickle: send text
+        return "interrupted", f"{method} seed {seed}: {exc}"
+
+
+def _train_parallel(plan: Plan, corpus, out: Path, tasks: list, jobs: int,
+                    keep_checkpoints: bool, total: int, progress: bool):
+    """Yield the rows of ``tasks`` as their runs finish, ``jobs`` at a time.
+
+    A signal reaches every worker (one process group): each checkpoints its run and stops;
+    then the comparison stops with KeyboardInterrupt and ``--resume`` continues them all.
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    interrupted = []
+    if progress:
+        print(f"training {len(tasks)} of {total} runs, {jobs} at a time (one process each)",
+              file=sys.stderr)
+    try:
+        futures = {}
+        for i, method, seed, again, fingerprint in tasks:
+            futures[pool.submit(_train_task, plan, method, seed, corpus, out, again,
+                                keep_checkpoints, fingerprint)] = (method, seed)
+        for done, future in enumerate(cf.as_completed(futures), 1):
+            kind, value = future.result()
+            method, seed = futures[future]
+            if kind == "interrupted":
+                interrupted.append(value)
+                continue
+            if progress:
+                print(f"[done {done}/{len(tasks)}] {method} seed {seed}: {value['status']}"
+                      + (f", val PPL {value['val_ppl']:.2f}" if value.get("val_ppl") else ""),
+                      file=sys.stderr)
+            yield value
+    except KeyboardInterrupt:
+        pool.shutdown(wait=True, cancel_futures=True)  # the workers checkpoint first
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if interrupted:
+        raise KeyboardInterrupt("; ".join(interrupted))
 
 
 def _run_plan(plan: Plan, out: Path, corpus, config: dict, previous: Optional[dict], *,
               resume: bool, keep_checkpoints: bool, progress: bool,
-              report: bool) -> dict[str, Any]:
+              report: bool, jobs: int = 1) -> dict[str, Any]:
     results = {
         "schema": SCHEMA,
         "command": plan.command,
@@ -250,33 +333,45 @@ def _run_plan(plan: Plan, out: Path, corpus, config: dict, previous: Optional[di
 
     save()  # the experiment's config is on disk before the first step: --resume can check it
     todo = plan.runs()
+    tasks = []  # (i, method, seed, resume, fingerprint) of the runs to train
+    for i, (method, seed) in enumerate(todo, 1):
+        run_dir = out / "runs" / method / f"seed{seed}"
+        fingerprint = run_fingerprint(config, method)
+        recorded = recorded_row(run_dir)
+        if resume and reusable(recorded, method, seed, fingerprint):
+            row = {k: v for k, v in recorded.items() if k != "fingerprint"}
+            if progress:
+                print(f"[{i}/{len(todo)}] {method} seed {seed}: finished earlier "
+                      f"({row['status']}), reused", file=sys.stderr)
+            _add_row(results, config, row)
+        else:
+            # a folder recorded by another experiment (left by --force) starts afresh;
+            # one without a record (or with an error) is this experiment's: continue it
+            mine = recorded is None or recorded.get("fingerprint") == fingerprint
+            tasks.append((i, method, seed, resume and mine, fingerprint))
+    save()
+
+    def announce(i: int, method: str, seed: int) -> None:
+        if progress:
+            opts = plan.balancer_options[method]
+            print(f"[{i}/{len(todo)}] {method} seed {seed}"
+                  + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""),
+                  file=sys.stderr)
+
     try:
-        for i, (method, seed) in enumerate(todo, 1):
-            run_dir = out / "runs" / method / f"seed{seed}"
-            fingerprint = run_fingerprint(config, method)
-            recorded = recorded_row(run_dir)
-            if resume and reusable(recorded, method, seed, fingerprint):
-                row = {k: v for k, v in recorded.items() if k != "fingerprint"}
-                if progress:
-                    print(f"[{i}/{len(todo)}] {method} seed {seed}: finished earlier "
-                          f"({row['status']}), reused", file=sys.stderr)
-            else:
-                if progress:
-                    opts = plan.balancer_options[method]
-                    print(f"[{i}/{len(todo)}] {method} seed {seed}"
-                          + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else ""),
-                          file=sys.stderr)
-                # a folder recorded by another experiment (left by --force) starts afresh;
-                # one without a record (or with an error) is this experiment's: continue it
-                mine = recorded is None or recorded.get("fingerprint") == fingerprint
-                row = train_one(plan, method, seed, corpus, out, resume=resume and mine,
+        if jobs <= 1 or len(tasks) <= 1:
+            for i, method, seed, again, fingerprint in tasks:
+                announce(i, method, seed)
+                row = train_one(plan, method, seed, corpus, out, resume=again,
                                 keep_checkpoints=keep_checkpoints, progress=progress,
                                 fingerprint=fingerprint)
-            if "params" in row:
-                config.setdefault("params_total", row["params"])
-                config.setdefault("params_active", row["active_params"])
-            results["runs"].append(row)
-            save()
+                _add_row(results, config, row)
+                save()
+        else:
+            for row in _train_parallel(plan, corpus, out, tasks, jobs, keep_checkpoints,
+                                       len(todo), progress):
+                _add_row(results, config, row)
+                save()
     finally:
         if report and results["runs"]:
             from moebal.report import write_report

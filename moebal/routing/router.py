@@ -49,6 +49,8 @@ class Routing:
     aux_loss    the balancer's auxiliary loss (scalar; zero when it has none).
     z_loss      the router z-loss (scalar; zero when z_loss_coeff is 0).
     loads_E     int64 tokens per expert after drops.
+    scores_TE   the routing scores the choice was made on (softmax or sigmoid of the
+                logits, before any balancer bias), detached; None for an empty batch.
     """
 
     indices_TK: torch.Tensor
@@ -57,6 +59,7 @@ class Routing:
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     loads_E: torch.Tensor
+    scores_TE: Optional[torch.Tensor] = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -344,7 +347,8 @@ class Router(nn.Module):
             z_loss = cfg.z_loss_coeff * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
         else:
             z_loss = scores_TE.new_zeros(())
-        return Routing(indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E), ctx
+        return Routing(indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E,
+                       scores_TE.detach()), ctx
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens one expert may take from a batch of ``num_tokens`` (None = unbounded)."""

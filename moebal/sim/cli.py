@@ -16,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -155,6 +155,20 @@ def build_cost(args) -> tuple[CostModel, dict]:
         include_attention=args.include_attention,
     )
     return cost, notes
+
+
+def replay(trace: RoutingTrace, options: Sequence[str] = (), label: str = "trace") -> dict:
+    """Replay ``trace`` as ``moebal simulate --trace`` does with the command-line
+    ``options`` (``["--gpus", "32", "--ep", "4", ...]``); returns that trace's result dict
+    (its ``summary`` has one row per system)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args(list(options))
+    args.steps = 20 if args.steps is None else args.steps  # synthetic-only settings
+    args.layers = 2 if args.layers is None else args.layers
+    _check_args(args)
+    cost, _ = build_cost(args)
+    return _one(trace, label, args.gpus, args, cost, progress=False)
 
 
 def _one(trace: RoutingTrace, label: str, gpus: int, args, cost: CostModel, progress: bool,

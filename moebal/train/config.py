@@ -43,6 +43,9 @@ class TrainConfig:
                     they came from that many data-parallel ranks.
     deterministic   torch.use_deterministic_algorithms on CPU while training.
     router_timing   measure the gate + router share of the step time.
+    optimal_gap     at step 1 and every ``eval_every`` steps, measure each MoE layer's
+                    routing-score gap to the exact balanced optimum of the first
+                    micro-batch (``moebal.metrics.optimal_score_gap``).
     threads         CPU threads torch uses while training (0 = leave torch's setting).
     """
 
@@ -68,6 +71,7 @@ class TrainConfig:
     trace_shards: int = 8
     deterministic: bool = True
     router_timing: bool = True
+    optimal_gap: bool = False
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -102,7 +106,7 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("trace", "deterministic", "router_timing"):
+        for name in ("trace", "deterministic", "router_timing", "optimal_gap"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.trace and self.global_batch % self.trace_shards:

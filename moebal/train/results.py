@@ -178,6 +178,11 @@ class TrainResult:
     diverged_step: Optional[int] = None
     divergence: Optional[str] = None
     dropped_frac: float = float("nan")
+    sup_max_vio_layers: float = float("nan")  # max over steps and layers of MaxVio_batch
+    max_vio_global_layers: float = float("nan")  # max over layers, last evaluation
+    optimal_gap: float = float("nan")  # mean routing-score gap to the balanced optimum
+    price_of_balance: float = float("nan")  # mean (S_top - S_opt) / S_top, same samples
+    optimal_gap_samples: int = 0
     out_dir: Optional[str] = None
     model_config: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)

@@ -55,6 +55,7 @@ def capture(trainer: Any) -> dict[str, Any]:
         "rng": rng_state(),
         "totals": {name: getattr(trainer, name) for name in TOTALS},
         "evals": list(trainer.evals),
+        "optimal_gaps": list(trainer.optimal_gaps),
     }
 
 
@@ -88,5 +89,6 @@ def restore(trainer: Any, state: dict[str, Any], source: str) -> None:
     for name in TOTALS[1:]:
         setattr(trainer, name, float(totals[name]))
     trainer.evals = list(state["evals"])
+    trainer.optimal_gaps = list(state.get("optimal_gaps", []))
     set_rng_state(state["rng"])
     trainer.model.set_auto_step(False)  # routers keep stepping explicitly (see Trainer.__init__)

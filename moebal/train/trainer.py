@@ -35,7 +35,7 @@ import torch
 
 from moebal.data import BatchSampler, Corpus, eval_windows
 from moebal.data.batches import windows_to_batch
-from moebal.metrics import BalanceTracker
+from moebal.metrics import BalanceTracker, optimal_score_gap
 from moebal.model import MoELayer, MoEModel, ModelConfig
 from moebal.routing import NonFiniteLogits
 from moebal.train.config import TrainConfig, check_configs
@@ -112,6 +112,7 @@ class Trainer:
         self.router_seconds = 0.0
         self.wall_seconds = 0.0
         self.evals: list[dict[str, Any]] = []
+        self.optimal_gaps: list[dict[str, float]] = []  # optimal_score_gap samples
         self.history = History()
         self.last_loss = float("nan")
         self.diverged_step: Optional[int] = None
@@ -184,6 +185,7 @@ class Trainer:
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        gaps: list[dict] = []
         L, E = len(self.moe_layers), self.model_cfg.num_experts
         loads_LE = torch.zeros(L, E, dtype=torch.int64, device=self.device)
         totals = torch.zeros(3, dtype=torch.float32, device=self.device)
@@ -205,6 +207,12 @@ class Trainer:
                 loads_LE += out.loads_LE
             if self.tracer is not None:
                 self.tracer.add_micro_batch(out.routings, m * cfg.batch_size)
+            if m == 0 and cfg.optimal_gap and (self.step == 0
+                                               or (self.step + 1) % cfg.eval_every == 0):
+                gap_start = time.perf_counter()  # a measurement, not part of the step's time
+                gaps = [optimal_score_gap(r.scores_TE, r.indices_TK, r.kept_TK)
+                        for r in out.routings if r.scores_TE is not None and r.scores_TE.numel()]
+                start += time.perf_counter() - gap_start
         loss, lm_loss, aux_loss = (self.reduce_losses(totals) / cfg.grad_accum).tolist()
         lr = self.lr
         step = self.step + 1
@@ -239,6 +247,7 @@ class Trainer:
         if self.tracer is not None:
             self.tracer.end_step(step)
         self.last_loss = loss
+        self.optimal_gaps.extend(gaps)
         self.tokens_seen += tokens
         self.train_seconds += seconds
         self.router_seconds += router_seconds
@@ -277,11 +286,13 @@ class Trainer:
             "step": self.step,
             "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 700.0)),
-            "max_vio_global": (self.tracker.max_vio_global() if self.tracker is not None
-                               else float("nan")),
+            "max_vio_global_layers": (self.tracker.max_vio_global_per_layer().tolist()
+                                      if self.tracker is not None else []),
             "eval_tokens": count,
             "eval_seconds": time.perf_counter() - start,
         }
+        layers = record["max_vio_global_layers"]
+        record["max_vio_global"] = float(np.mean(layers)) if layers else float("nan")
         self.evals.append(record)
         return record
 
@@ -435,6 +446,14 @@ class Trainer:
             diverged_step=self.diverged_step,
             divergence=self.divergence,
             dropped_frac=self.tracker.dropped_frac if self.tracker is not None else nan,
+            sup_max_vio_layers=(float(self.tracker.history.max())
+                                if self.tracker is not None and self.tracker.per_layer else nan),
+            max_vio_global_layers=max(last_eval.get("max_vio_global_layers") or [nan]),
+            optimal_gap=(float(np.mean([g["gap"] for g in self.optimal_gaps]))
+                         if self.optimal_gaps else nan),
+            price_of_balance=(float(np.mean([g["price_of_balance"] for g in self.optimal_gaps]))
+                              if self.optimal_gaps else nan),
+            optimal_gap_samples=len(self.optimal_gaps),
             out_dir=str(self.out_dir) if self.out_dir is not None else None,
             model_config=self.model_cfg.to_dict(),
             train_config=self.train_cfg.to_dict(),
