@@ -79,7 +79,7 @@ def headline(summaries: list[MethodSummary]) -> Optional[str]:
     parts = []
     if held is not None:
         parts.append(f"Best held-out balance (lowest MaxVio_global): **{held.label}** "
-                     f"({fmt_stat(held.stat('max_vio_global'))}).")
+                     f"({fmt_stat(held.stat('max_vio_global'))}){_in_batch(held)}.")
     text = f"Lowest validation perplexity: **{best.label}** ({fmt_stat(best.stat('val_ppl'), 2)})"
     rest = sorted((s for s in summaries if s is not best and s.stat("val_ppl").ok),
                   key=lambda s: s.stat("val_ppl").mean)
