@@ -4,7 +4,8 @@ Same model, data, seeds and number of steps for every method; only the balancer 
 Writes a run folder (--out, default runs/compare):
 
     results.json            every number of the comparison (see moebal.report.results)
-    report.md, report.html  the papers' table, their claims checked, the plots
+    report.md, report.html  held-out and training balance, the papers' claims checked
+                            with paired statistics over the seeds, the plots
     plots/*.png
     runs/<method>/seed<k>/  one training run each: config.json, metrics.jsonl,
                             result.json, run.json (its row in results.json), and

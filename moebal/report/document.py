@@ -1,9 +1,13 @@
-"""Build the comparison report (``report.md``, ``report.html``, ``plots/*.png``) from results."""
+"""Build the comparison report (``report.md``, ``report.html``, ``plots/*.png``) from results.
+
+The report leads with held-out balance (MaxVio_global) beside training balance, marks the
+methods that route a batch with information from that same batch, and checks the papers'
+claims with paired statistics over the seeds (:mod:`moebal.report.claims`).
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -13,7 +17,7 @@ from moebal.report.claims import (
     FAR_LOWER_RATIO,
     ClaimCheck,
     check_claims,
-    gap_beyond_noise,
+    timing_withheld,
 )
 from moebal.report.plots import PLOTS
 from moebal.report.render import (
@@ -23,157 +27,73 @@ from moebal.report.render import (
     Heading,
     Image,
     Para,
-    Table,
     to_html,
     to_markdown,
 )
 from moebal.report.results import (
     MethodSummary,
-    Stat,
     load_results,
     missing_runs,
     summarize,
     validate_results,
 )
+from moebal.report.stats import format_paired, paired_difference
+from moebal.report.sweep import sweep_results
+from moebal.report.tables import (
+    cost_table,
+    fmt_stat,
+    methods_table,
+    options_label,
+    results_table,
+    sweep_lines,
+    sweep_table,
+)
+
+__all__ = ["PLOTS_DIR", "build_document", "cost_table", "make_plots", "methods_table",
+           "options_label", "results_table", "write_report"]
 
 PLOTS_DIR = "plots"
-
-_OPTION_SYMBOLS = {
-    "aux_loss_coeff": "α",
-    "z_loss_coeff": "z-loss β",
-    "bias_update_rate": "u",
-    "bias_update": "update",
-    "bip_iters": "T_iter",
-    "bip_order": "order",
-    "quantile_ema": "EMA",
-    "bip_pin_q": "pin q",
-    "sinkhorn_iters": "max iters",
-    "sinkhorn_tol": "tol",
-    "score_function": "scores",
-    "capacity_factor": "capacity",
-}
-
-
-def options_label(options: dict) -> str:
-    """Short form of a balancer's options for tables, e.g. ``α=0.01``."""
-    if not options:
-        return "–"
-    return ", ".join(f"{_OPTION_SYMBOLS.get(k, k)}={v:g}" if isinstance(v, float) else
-                     f"{_OPTION_SYMBOLS.get(k, k)}={v}" for k, v in options.items())
-
-
-def _num(x: float, digits: int) -> str:
-    return f"{x:.{digits}f}"
-
-
-def fmt_stat(s: Stat, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
-    """``mean ± std`` (or the mean alone for one seed; ``n/a`` when nothing was measured)."""
-    if not s.ok:
-        return "n/a"
-    text = _num(s.mean * scale, digits)
-    if s.n > 1 and math.isfinite(s.std):
-        text += f" ± {_num(s.std * scale, digits)}"
-    return text + suffix
-
-
-def fmt_throughput(s: Stat) -> str:
-    if not s.ok:
-        return "n/a"
-    text = f"{s.mean:,.0f}"
-    if s.n > 1 and math.isfinite(s.std):
-        text += f" ± {s.std:,.0f}"
-    return text
-
-
-def fmt_time(s: Stat) -> str:
-    if not s.ok:
-        return "n/a"
-    unit, scale = ("min", 1 / 60) if s.mean >= 600 else ("s", 1.0)
-    return fmt_stat(s, 1, scale, f" {unit}")
-
-
-def _runs_cell(s: MethodSummary) -> str:
-    n, ok = len(s.runs), len(s.ok_runs)
-    if ok == n:
-        return f"{ok}"
-    return f"{ok}/{n} (failed: " + ", ".join(
-        f"seed {r['seed']} at step {r['failure']['step']}" for r in s.failed_runs
-    ) + ")"
-
-
-def results_table(summaries: list[MethodSummary]) -> Table:
-    header = [
-        "Method", "Settings", "Seeds ok", "Val PPL", "MaxVio_global", "AvgMaxVio",
-        "SupMaxVio", "MaxVio_batch first", "MaxVio_batch last", "Train time",
-        "Tokens/s", "Router share",
-    ]
-    rows = []
-    best_ppl = min(
-        (s.stat("val_ppl").mean for s in summaries if s.stat("val_ppl").ok),
-        default=None,
-    )
-    for s in summaries:
-        st = s.stat
-        ppl = fmt_stat(st("val_ppl"), 2)
-        if best_ppl is not None and st("val_ppl").ok and st("val_ppl").mean == best_ppl:
-            ppl = f"**{ppl}**"
-        rows.append([
-            s.label,
-            options_label(s.options),
-            _runs_cell(s),
-            ppl,
-            fmt_stat(st("max_vio_global")),
-            fmt_stat(st("avg_max_vio")),
-            fmt_stat(st("sup_max_vio")),
-            fmt_stat(st("max_vio_batch_first")),
-            fmt_stat(st("max_vio_batch_last")),
-            fmt_time(st("train_seconds")),
-            fmt_throughput(st("tokens_per_s")),
-            fmt_stat(st("router_time_share"), 1, 100.0, "%"),
-        ])
-    # with a capacity factor, MaxVio is measured against the ideal T*K/E of the slots
-    # routed, so the share of them dropped stands beside it
-    if any(st.ok and st.mean for st in (s.stat("dropped_frac") for s in summaries)):
-        header.append("Dropped slots")
-        for row, s in zip(rows, summaries):
-            row.append(fmt_stat(s.stat("dropped_frac"), 1, 100.0, "%"))
-    return Table(header, rows, "lllrrrrrrrrr" + "r" * (len(header) - 12))
 
 
 def _claim_item(c: ClaimCheck) -> str:
     return f"**{c.claim}** ({c.source}) — **{c.verdict}**. {c.evidence}"
 
 
-def _headline(summaries: list[MethodSummary]) -> Optional[str]:
-    ok = [s for s in summaries if s.stat("val_ppl").ok]
-    if not ok:
+def _lowest(summaries: list[MethodSummary], key: str) -> Optional[MethodSummary]:
+    ok = [s for s in summaries if s.stat(key).ok]
+    return min(ok, key=lambda s: s.stat(key).mean) if ok else None
+
+
+def _in_batch(s: MethodSummary) -> str:
+    return " — in-batch: it routes each batch with information from that same batch" \
+        if s.in_batch else ""
+
+
+def headline(summaries: list[MethodSummary]) -> Optional[str]:
+    """Held-out balance, then perplexity (with the paired difference to the runner-up),
+    then training balance; None when no run finished."""
+    held = _lowest(summaries, "max_vio_global")
+    best = _lowest(summaries, "val_ppl")
+    if best is None:
         return None
-    best = min(ok, key=lambda s: s.stat("val_ppl").mean)
-    balanced = min(
-        (s for s in ok if s.stat("avg_max_vio").ok), key=lambda s: s.stat("avg_max_vio").mean,
-        default=None,
-    )
-    text = (
-        f"Lowest validation perplexity: **{best.label}** "
-        f"({fmt_stat(best.stat('val_ppl'), 2)})"
-    )
-    rest = sorted((s for s in ok if s is not best), key=lambda s: s.stat("val_ppl").mean)
+    parts = []
+    if held is not None:
+        parts.append(f"Best held-out balance (lowest MaxVio_global): **{held.label}** "
+                     f"({fmt_stat(held.stat('max_vio_global'))}){_in_batch(held)}.")
+    text = f"Lowest validation perplexity: **{best.label}** ({fmt_stat(best.stat('val_ppl'), 2)})"
+    rest = sorted((s for s in summaries if s is not best and s.stat("val_ppl").ok),
+                  key=lambda s: s.stat("val_ppl").mean)
     if rest:
-        runner = rest[0]
-        beyond = gap_beyond_noise(best.stat("val_ppl"), runner.stat("val_ppl"))
-        gap = runner.stat("val_ppl").mean - best.stat("val_ppl").mean
-        text += f", {gap:.2f} below {runner.label}" + {
-            None: " (one seed: noise unknown)",
-            True: ", a gap larger than the seeds' standard deviations",
-            False: ", within the seeds' standard deviations",
-        }[beyond]
-    text += "."
-    if balanced is not None:
-        text += (
-            f" Best balanced during training (lowest AvgMaxVio): **{balanced.label}** "
-            f"({fmt_stat(balanced.stat('avg_max_vio'))})."
-        )
-    return text
+        p = paired_difference(rest[0].by_seed("val_ppl"), best.by_seed("val_ppl"))
+        text += f"; {rest[0].label} − {best.label}: {format_paired(p)}"
+        if p.known and p.sign == 0:
+            text += ", the interval spans zero"
+    parts.append(text + ".")
+    train = _lowest(summaries, "avg_max_vio")
+    if train is not None:
+        parts.append(f"Lowest training imbalance (AvgMaxVio): **{train.label}** "
+                     f"({fmt_stat(train.stat('avg_max_vio'))}){_in_batch(train)}.")
+    return " ".join(parts)
 
 
 def _config_bullets(results: dict) -> list[str]:
@@ -213,34 +133,63 @@ def _config_bullets(results: dict) -> list[str]:
 
 def build_document(results: dict, plots: dict[str, bytes]) -> list[Block]:
     """The report as blocks; ``plots`` maps file names under plots/ to PNG bytes."""
-    summaries = summarize(results)
+    every = summarize(results)
+    summaries = [s for s in every if s.setting != "sweep"]
     cfg = results["config"]
+    env = results.get("environment") or {}
     blocks: list[Block] = [
-        Heading(1, f"Load balancing compared: {len(summaries)} balancers, preset `{cfg.get('preset', '?')}`"),
+        Heading(1, f"Load balancing compared: {len(summaries)} methods, preset `{cfg.get('preset', '?')}`"),
         Para(
             "One MoE language model, trained with the same data, seeds and number of steps "
-            "under each balancer; only the routing changes. Metrics as in the Loss-Free and "
-            "BIP papers."
+            "under each method; only the routing changes. Metrics as in the Loss-Free and "
+            "BIP papers; comparisons paired over the shared seeds."
         ),
         Bullets(_config_bullets(results)),
         Heading(2, "Results"),
     ]
-    headline = _headline(summaries)
-    if headline:
-        blocks.append(Para(headline))
+    text = headline(summaries)
+    if text:
+        blocks.append(Para(text))
     blocks.append(results_table(summaries))
-    blocks.append(Bullets([
+    notes = [
+        "**MaxVio_global** (held-out balance): MaxVio (max load / mean load − 1) of the loads "
+        "summed over the whole validation set at the last evaluation, averaged over MoE "
+        "layers (Loss-Free paper); **worst layer**: its maximum over layers.",
+        "**AvgMaxVio / SupMaxVio** (training balance): mean and maximum over training steps "
+        "of MaxVio_batch, the layer-averaged MaxVio of each training batch (BIP paper); "
+        "**SupMaxVio worst layer**: the maximum over steps and layers of the per-layer "
+        "MaxVio_batch; **MaxVio_batch first**: at the first training step.",
+        "**In-batch**: the method routes each batch with information computed from that same "
+        "batch (later tokens decide earlier tokens' experts), so its training MaxVio_batch is "
+        "an in-batch optimisation, not available when tokens arrive one at a time; its "
+        "MaxVio_global shows its balance on text it did not route with.",
         "**Val PPL**: validation perplexity at the end of training, mean ± standard deviation "
         "over seeds (one seed: the value); the lowest in bold.",
-        "**MaxVio_global**: MaxVio (max load / mean load − 1) of the loads summed over the "
-        "whole validation set at the last evaluation, averaged over MoE layers (Loss-Free paper).",
-        "**AvgMaxVio / SupMaxVio**: mean and maximum over training steps of MaxVio_batch, the "
-        "layer-averaged MaxVio of each training batch (BIP paper); **first / last**: "
-        "MaxVio_batch of the first and the last training step.",
-        "**Train time**: wall time of the training steps; **Tokens/s**: training tokens per "
-        "second; **Router share**: time in the gate and router as a share of the step.",
-    ]))
-    failed = [(s, r) for s in summaries for r in s.failed_runs]
+    ]
+    if any(s.stat("optimal_gap").ok for s in summaries):
+        notes.append("**Optimal gap**: mean over sampled training batches and layers of "
+                     "(S_opt − S)/S_opt, S the summed routing scores of the chosen experts and "
+                     "S_opt that of the exact balanced optimum; negative: more score than any "
+                     "balanced routing can take, i.e. unbalanced.")
+    blocks.append(Bullets(notes))
+    blocks.append(Heading(3, "Cost"))
+    blocks.append(cost_table(summaries))
+    cost_notes = ["**Train time**: wall time of the training steps; **Tokens/s**: training "
+                  "tokens per second; **Router share**: time in the gate and router as a "
+                  "share of the step."]
+    sims = [r["sim"] for s in summaries for r in s.ok_runs if r.get("sim")]
+    if sims:
+        sim = sims[0]
+        cost_notes.append(
+            f"**Sim. MoE layer**: each run's recorded routing replayed with `moebal simulate` "
+            f"in the MicroMoE setting ({sim.get('gpus', '?')} GPUs, EP {sim.get('ep', '?')}, "
+            f"scheduling group {sim.get('sched_group', '?')}): MoE-layer time with standard "
+            "expert parallelism and with LP token scheduling (simulated, not measured).")
+    withheld = timing_withheld(env)
+    if withheld:
+        cost_notes.append(f"**Timings withheld**: {withheld}")
+    blocks.append(Bullets(cost_notes))
+    failed = [(s, r) for s in every for r in s.failed_runs]
     if failed:
         blocks.append(Heading(3, "Failed runs"))
         blocks.append(Bullets([
@@ -257,41 +206,52 @@ def build_document(results: dict, plots: dict[str, bytes]) -> list[Block]:
         ))
 
     blocks.append(Heading(2, "What this run says about the papers' claims"))
-    claims = check_claims(summaries, results.get("environment"))
+    claims = check_claims(every, env, int(cfg.get("world_size") or 1))
     blocks.append(Bullets([_claim_item(c) for c in claims]))
     blocks.append(Para(
-        f"Rules: a batch is *balanced* when its MaxVio ≤ {BALANCED_MAXVIO}; *far lower* "
-        f"MaxVio_global means at most {FAR_LOWER_RATIO}× the other's; a perplexity gap counts "
-        "only when it is larger than the standard deviation over seeds of both methods "
-        "(unknown with one seed). These verdicts concern this model, corpus and budget, "
-        "which are far smaller than the papers'."
+        "Verdicts: **supported** / **contradicted** — the 95% interval of the paired "
+        "difference over the shared seeds lies on the claim's side of zero / on the other "
+        "side; **inconclusive** — one seed, or the interval spans zero; **not testable here** "
+        "— the paper's effect is below the run's minimum detectable effect (MDE, 80% power), "
+        "or the claim needs hardware or numbers this run lacks. With one seed no claim is "
+        f"supported or contradicted. A batch is *balanced* when its MaxVio ≤ {BALANCED_MAXVIO}; "
+        f"*far lower* MaxVio_global means at most {FAR_LOWER_RATIO}× the other's. These "
+        "verdicts concern this model, corpus and budget, far smaller than the papers'."
     ))
+
+    sweeps = sweep_results(results, every)
+    if sweeps:
+        blocks.append(Heading(2, "Sweep: best by validation vs the paper's setting"))
+        blocks.append(sweep_table(sweeps))
+        blocks.append(Bullets(sweep_lines(sweeps)))
+        blocks.append(Para(
+            "The best point is chosen on the validation set that also scores it, so its "
+            "advantage over the paper's setting is optimistic (biased in its favour)."
+        ))
 
     blocks.append(Heading(2, "Plots"))
     for name, (_, caption) in PLOTS.items():
         if name in plots:
             blocks.append(Image(f"{PLOTS_DIR}/{name}", caption, plots[name]))
 
-    blocks.append(Heading(2, "Balancer settings"))
-    blocks.append(Table(
-        ["Method", "Options"],
-        [[s.label, "`" + json.dumps(s.options, sort_keys=True) + "`"] for s in summaries],
-    ))
+    blocks.append(Heading(2, "Methods and their settings"))
+    blocks.append(methods_table(every))
     if cfg.get("model") or cfg.get("train"):
         blocks.append(Heading(2, "Configuration"))
         blocks.append(Code(json.dumps(
             {"model": cfg.get("model", {}), "train": cfg.get("train", {})}, indent=1, sort_keys=True
         )))
-    env = results.get("environment") or {}
     if env:
         blocks.append(Heading(2, "Environment"))
         blocks.append(Bullets([f"{k}: {v}" for k, v in env.items()]))
-    blocks.append(Para(f"Regenerate this report with `moebal report RUN_DIR`."))
+    blocks.append(Para("Regenerate this report with `moebal report RUN_DIR`."))
     return blocks
 
 
 def make_plots(results: dict) -> dict[str, bytes]:
-    summaries = summarize(results)
+    """The PNG of every plot that has something to show, by file name (sweep points left
+    out: the sweep section tabulates them)."""
+    summaries = [s for s in summarize(results) if s.setting != "sweep"]
     out = {}
     for name, (fn, _) in PLOTS.items():
         png = fn(summaries)

@@ -25,23 +25,42 @@ def _plt():
     return plt
 
 
-def method_color(method: str) -> str:
-    """A fixed colour per method, the same in every plot and every report."""
-    palette = [
-        "#7f7f7f",  # none
-        "#d62728",  # aux_loss
-        "#ff7f0e",  # seq_aux_loss
-        "#8c564b",  # global_aux_loss
-        "#1f77b4",  # loss_free
-        "#2ca02c",  # bip
-        "#9467bd",  # quantile
-        "#e377c2",  # sinkhorn
-        "#17becf",  # optimal
-    ]
+PALETTE = (
+    "#7f7f7f",  # none
+    "#d62728",  # aux_loss
+    "#ff7f0e",  # seq_aux_loss
+    "#8c564b",  # global_aux_loss
+    "#1f77b4",  # loss_free
+    "#2ca02c",  # bip
+    "#9467bd",  # quantile
+    "#e377c2",  # sinkhorn
+    "#17becf",  # optimal
+)
+EXTRA = ("#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173")
+
+
+def method_color(method: str, balancer: Optional[str] = None) -> str:
+    """A fixed colour per method, the same in every plot and every report.
+
+    A balancer's own name gets its palette colour; another variant of a known ``balancer``
+    a darker or lighter shade of it (fixed by the variant's name); anything else one of
+    a few extra colours.
+    """
     if method in METHOD_ORDER:
-        return palette[METHOD_ORDER.index(method)]
-    extra = ["#bcbd22", "#393b79", "#637939", "#843c39", "#7b4173"]
-    return extra[sum(map(ord, method)) % len(extra)]
+        return PALETTE[METHOD_ORDER.index(method)]
+    key = sum(map(ord, method))
+    if balancer in METHOD_ORDER:
+        base = PALETTE[METHOD_ORDER.index(balancer)]
+        rgb = [int(base[i:i + 2], 16) for i in (1, 3, 5)]
+        factor = (0.55, 0.75, 1.35, 1.6)[key % 4]
+        rgb = [min(255, int(c * factor)) if factor < 1 else int(c + (255 - c) * (factor - 1))
+               for c in rgb]
+        return "#" + "".join(f"{c:02x}" for c in rgb)
+    return EXTRA[key % len(EXTRA)]
+
+
+def _color(s: MethodSummary) -> str:
+    return method_color(s.method, s.balancer)
 
 
 def _png(fig) -> bytes:
@@ -91,7 +110,7 @@ def plot_max_vio_batch(summaries: list[MethodSummary], floor: float = 1e-3) -> O
         xs, mean, _, _ = _mean_series(s.runs, "step", "max_vio_batch")
         if xs.size == 0:
             continue
-        color = method_color(s.method)
+        color = _color(s)
         y = np.maximum(mean, floor)
         ax.plot(xs, y, color=color, alpha=0.25, linewidth=0.8)
         window = max(1, xs.size // 50)
@@ -121,7 +140,7 @@ def plot_val_ppl(summaries: list[MethodSummary]) -> Optional[bytes]:
         xs, mean, lo, hi = _mean_series(s.runs, "eval_step", "val_ppl")
         if xs.size == 0:
             continue
-        color = method_color(s.method)
+        color = _color(s)
         ax.plot(xs, mean, color=color, marker="o", markersize=3, linewidth=1.5, label=s.label)
         if len(s.runs) > 1:
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
@@ -138,7 +157,7 @@ def plot_val_ppl(summaries: list[MethodSummary]) -> Optional[bytes]:
 
     finals = [s for s in summaries if s.stat("val_ppl").ok]
     for i, s in enumerate(finals):
-        color = method_color(s.method)
+        color = _color(s)
         st = s.stat("val_ppl")
         ax2.barh(i, st.mean, color=color, alpha=0.35, height=0.6)
         values = [r["val_ppl"] for r in s.ok_runs if r.get("val_ppl") is not None]
@@ -248,7 +267,7 @@ def plot_router_overhead(summaries: list[MethodSummary]) -> Optional[bytes]:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     labels = [s.label for s in ok]
-    colors = [method_color(s.method) for s in ok]
+    colors = [_color(s) for s in ok]
     x = np.arange(len(ok))
 
     def bars(ax, key, scale):

@@ -18,13 +18,26 @@ folder can be copied elsewhere (or only its ``results.json``) and ``moebal repor
         "preset": "tiny", "steps": 300, "seeds": [0],
         "balancers": ["none", "aux_loss", ...],      # in report order
         "balancer_options": {"aux_loss": {"aux_loss_coeff": 0.01}, ...},
+        "variants": {                                # optional: the methods run, by name
+          "bip_paper": {"balancer": "bip", "options": {...},   # every routing option
+                        "setting": "paper" | "moebal" | "sweep",
+                        "label": "BIP (paper)", "why": "...",
+                        "in_batch": true},           # routes a batch with that batch's
+        },                                           #   own information
+        "sweep": {"aux_loss": {"option": "aux_loss_coeff",     # optional: grids run
+                               "values": [...], "paper": "aux_loss"}},
+        "world_size": 1,                             # optional: devices per run (1)
         "model": {...}, "train": {...},              # ModelConfig / TrainConfig as dicts
         "data": "...", "device": "cpu"
       },
-      "environment": {"torch": "...", "device_name": "...", "threads": 2, ...},
+      "environment": {"torch": "...", "device_name": "...", "threads": 2,
+                      "device_count": 1,             # optional
+                      "gpu_other_processes": [...],  # optional: other processes on the GPU
+                      ...},
       "runs": [                                      # one per method x seed
         {
-          "method": "aux_loss", "seed": 0,
+          "method": "aux_loss", "seed": 0,           # method: a variant's name
+          "balancer": "aux_loss",                    # optional: the variant's balancer
           "status": "ok" | "failed",
           "failure": null | {"step": 123, "reason": "training loss is nan (diverged)",
                              "kind": "diverged" | "error"},   # diverged: for good
@@ -34,6 +47,13 @@ folder can be copied elsewhere (or only its ``results.json``) and ``moebal repor
           "max_vio_global": 0.31,                    # at the last evaluation
           "avg_max_vio": 0.42, "sup_max_vio": 2.1,   # over all training steps
           "max_vio_batch_first": 2.1, "max_vio_batch_last": 0.3,
+          "sup_max_vio_layers": 2.9,                 # optional: max over steps and layers
+          "max_vio_global_layers": 0.5,              # optional: max over layers, last eval
+          "optimal_gap": 0.01,                       # optional: mean (S_opt - S) / S_opt
+          "optimal_gap_samples": 40,                 #   over sampled batches and layers
+          "sim": {"gpus": 32, "ep": 4, "sched_group": 8,        # optional: the routing
+                  "standard_ep_ms": 9.1, "lp_ms": 7.2,          #   trace replayed by
+                  "lp_speedup": 1.26} | null,                   #   moebal simulate
           "train_seconds": 58.0,                     # the training steps (/1: train_time_s)
           "wall_seconds": 61.0,                      # with evaluations and checkpoints
           "tokens_per_s": 20150.0,
@@ -49,7 +69,11 @@ folder can be copied elsewhere (or only its ``results.json``) and ``moebal repor
       ]
     }
 
-Numbers that were not measured (a failed run's perplexity, say) are ``null``.
+Numbers that were not measured (a failed run's perplexity, say) are ``null``. Every
+field marked optional may be absent (files written before it existed): without
+``config.variants`` each method is its own variant (setting "moebal", its
+``balancer_options``), in-batch when it is ``bip`` in paper order, ``sinkhorn`` or
+``optimal``.
 """
 
 from __future__ import annotations
@@ -61,6 +85,22 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+
+from moebal.report.methods import (
+    METHOD_LABELS,
+    METHOD_ORDER,
+    Variant,
+    method_label,
+    ordered_methods,
+    routes_in_batch,
+    validate_variants,
+    variants_of,
+)
+
+__all__ = ["METHOD_LABELS", "METHOD_ORDER", "RESULTS_FILE", "RUN_METRICS", "SCHEMA",
+           "SIM_METRICS", "MethodSummary", "Stat", "Variant", "load_results", "method_label",
+           "missing_runs", "ordered_methods", "run_value", "summarize", "upgrade_results",
+           "validate_results", "variants_of"]
 
 SCHEMA = "moebal.compare.results/2"
 # results.json of schema /1 named four numbers differently from TrainResult; they are read
@@ -86,35 +126,12 @@ RUN_METRICS = (
     "tokens_per_s",
     "router_time_share",
     "dropped_frac",
+    "sup_max_vio_layers",
+    "max_vio_global_layers",
+    "optimal_gap",
 )
-
-# canonical order and names of the methods, for tables and plot colours
-METHOD_ORDER = (
-    "none",
-    "aux_loss",
-    "seq_aux_loss",
-    "global_aux_loss",
-    "loss_free",
-    "bip",
-    "quantile",
-    "sinkhorn",
-    "optimal",
-)
-METHOD_LABELS = {
-    "none": "None (plain top-k)",
-    "aux_loss": "Aux loss",
-    "seq_aux_loss": "Seq. aux loss",
-    "global_aux_loss": "Global aux loss",
-    "loss_free": "Loss-Free",
-    "bip": "BIP",
-    "quantile": "Quantile",
-    "sinkhorn": "Sinkhorn",
-    "optimal": "Optimal (exact)",
-}
-
-
-def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+# the numbers of a run's "sim" object, aggregated as "sim_<name>"
+SIM_METRICS = ("standard_ep_ms", "lp_ms", "lp_speedup")
 
 
 def _is_number(x: Any) -> bool:
@@ -146,6 +163,13 @@ def validate_results(results: Any) -> dict:
     for key in ("balancers", "seeds"):
         if not isinstance(config.get(key), list):
             raise ValueError(f"results config.{key} must be a list, got {config.get(key)!r}")
+    validate_variants(config)
+    env = results.get("environment")
+    if env is not None and not isinstance(env, dict):
+        raise ValueError(f"results environment must be an object, got {type(env).__name__}")
+    others = (env or {}).get("gpu_other_processes")
+    if others is not None and not isinstance(others, list):
+        raise ValueError(f"results environment.gpu_other_processes must be a list, got {others!r}")
     runs = results.get("runs")
     if not isinstance(runs, list):
         raise ValueError("results has no 'runs' list")
@@ -172,6 +196,16 @@ def validate_results(results: Any) -> dict:
             value = run.get(key)
             if value is not None and not _is_number(value):
                 raise ValueError(f"{where}.{key} must be a number or null, got {value!r}")
+        samples = run.get("optimal_gap_samples")
+        if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool)):
+            raise ValueError(f"{where}.optimal_gap_samples must be an int or null, got {samples!r}")
+        sim = run.get("sim")
+        if sim is not None:
+            if not isinstance(sim, dict):
+                raise ValueError(f"{where}.sim must be an object or null, got {sim!r}")
+            for key in SIM_METRICS:
+                if sim.get(key) is not None and not _is_number(sim[key]):
+                    raise ValueError(f"{where}.sim.{key} must be a number or null, got {sim[key]!r}")
         series = run.get("series", {})
         if not isinstance(series, dict):
             raise ValueError(f"{where}.series must be an object")
@@ -230,6 +264,7 @@ class MethodSummary:
     options: dict
     runs: list[dict]
     stats: dict[str, Stat] = field(default_factory=dict)
+    variant: Optional[Variant] = None
 
     @property
     def ok_runs(self) -> list[dict]:
@@ -241,42 +276,63 @@ class MethodSummary:
 
     @property
     def label(self) -> str:
-        return method_label(self.method)
+        return self.variant.label if self.variant and self.variant.label else method_label(self.method)
+
+    @property
+    def balancer(self) -> str:
+        return self.variant.balancer if self.variant else self.method
+
+    @property
+    def setting(self) -> str:
+        return self.variant.setting if self.variant else "moebal"
+
+    @property
+    def in_batch(self) -> bool:
+        return self.variant.in_batch if self.variant else routes_in_batch(self.method, self.options)
 
     def stat(self, key: str) -> Stat:
         return self.stats[key]
 
+    def by_seed(self, key: str) -> dict[int, Optional[float]]:
+        """seed -> the number ``key`` of each ok run (a stats key, "sim_*" included)."""
+        return {r["seed"]: run_value(r, key) for r in self.ok_runs}
 
-def ordered_methods(results: dict) -> list[str]:
-    """Methods in the order of ``config.balancers``, then any others that have runs."""
-    methods = list(dict.fromkeys(results["config"]["balancers"]))
-    for run in results["runs"]:
-        if run["method"] not in methods:
-            methods.append(run["method"])
-    return methods
+
+def run_value(run: dict, key: str) -> Optional[float]:
+    """A run's number ``key``: a field of the run, or ``sim_<name>`` of its "sim" object."""
+    if key.startswith("sim_"):
+        sim = run.get("sim") or {}
+        value = sim.get(key[len("sim_"):])
+    else:
+        value = run.get(key)
+    return float(value) if _is_number(value) else None
 
 
 def summarize(results: dict) -> list[MethodSummary]:
     """One :class:`MethodSummary` per method that has at least one run."""
-    options = results["config"].get("balancer_options", {})
+    variants = variants_of(results)
+    keys = RUN_METRICS + tuple(f"sim_{k}" for k in SIM_METRICS)
     out = []
     for method in ordered_methods(results):
         runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["seed"])
         if not runs:
             continue
-        summary = MethodSummary(method, dict(options.get(method, {})), runs)
+        variant = variants[method]
+        summary = MethodSummary(method, dict(variant.options), runs, variant=variant)
         ok = summary.ok_runs
-        summary.stats = {key: Stat.of([r.get(key) for r in ok]) for key in RUN_METRICS}
+        summary.stats = {key: Stat.of([run_value(r, key) for r in ok]) for key in keys}
         out.append(summary)
     return out
 
 
 def missing_runs(results: dict) -> list[tuple[str, int]]:
-    """(method, seed) pairs the config asks for that have no run yet."""
+    """(method, seed) pairs the config asks for (its variants, else its balancers) that have
+    no run yet."""
     have = {(r["method"], r["seed"]) for r in results["runs"]}
+    cfg = results["config"]
     return [
         (m, s)
-        for m in results["config"]["balancers"]
+        for m in (list(cfg.get("variants") or {}) or cfg["balancers"])
         for s in results["config"]["seeds"]
         if (m, s) not in have
     ]

@@ -10,6 +10,8 @@ a variant of its own name. Settings:
 - ``baseline``: plain top-k;
 - ``sweep``: a point of ``--sweep`` (see :func:`sweep_variants`).
 
+(The report reads variants back from results.json through :mod:`moebal.report.methods`.)
+
 ``in_batch`` marks the variants that route a batch with information computed from that
 same batch (its later tokens decide its earlier tokens' experts): their training
 MaxVio_batch is an in-batch optimisation and only held-out balance compares them fairly.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Sequence
 
+from moebal.report.methods import routes_in_batch
 from moebal.routing import BALANCERS
 from moebal.train.presets import parse_value
 
@@ -38,14 +41,6 @@ class Variant:
         return {"balancer": self.balancer, "options": dict(options), "setting": self.setting,
                 "label": self.label, "why": self.why,
                 "in_batch": routes_in_batch(self.balancer, options)}
-
-
-def routes_in_batch(balancer: str, options: dict[str, Any]) -> bool:
-    """Whether ``balancer`` with ``options`` routes a batch using that batch's own scores
-    beyond each token's own row (prices, quantiles or a transport plan of the batch)."""
-    if balancer == "bip":
-        return options.get("bip_order", "paper") == "paper"
-    return balancer in ("sinkhorn", "optimal")
 
 
 _BIP_MOEBAL = {"bip_iters": 4, "bip_warmup_iters": 32, "bip_pin_q": True}
