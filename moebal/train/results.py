@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -201,6 +201,31 @@ class TrainResult:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (float("nan") if v is None and k in floats else v)
                       for k, v in d.items() if k in known})
+
+
+def balance_summary(tracker: Any, last_eval: dict[str, Any],
+                    optimal_gaps: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """The balance fields of a :class:`TrainResult`: from the BalanceTracker of the run
+    (None without MoE layers), its last evaluation record and its
+    ``moebal.metrics.optimal_score_gap`` samples."""
+    nan = float("nan")
+    vio = tracker.max_vio_batch if tracker is not None else np.zeros(0)
+    has = tracker is not None and bool(tracker.per_layer)
+    return {
+        "max_vio_global": last_eval.get("max_vio_global", nan),
+        "avg_max_vio": tracker.avg_max_vio if tracker is not None else nan,
+        "sup_max_vio": tracker.sup_max_vio if tracker is not None else nan,
+        "max_vio_batch_first": float(vio[0]) if vio.size else nan,
+        "max_vio_batch_last": float(vio[-1]) if vio.size else nan,
+        "dropped_frac": tracker.dropped_frac if tracker is not None else nan,
+        "sup_max_vio_layers": float(tracker.history.max()) if has else nan,
+        "max_vio_global_layers": max(last_eval.get("max_vio_global_layers") or [nan]),
+        "optimal_gap": (float(np.mean([g["gap"] for g in optimal_gaps]))
+                        if optimal_gaps else nan),
+        "price_of_balance": (float(np.mean([g["price_of_balance"] for g in optimal_gaps]))
+                             if optimal_gaps else nan),
+        "optimal_gap_samples": len(optimal_gaps),
+    }
 
 
 def load_result(run_dir: Union[str, os.PathLike]) -> TrainResult:

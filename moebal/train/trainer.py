@@ -42,7 +42,7 @@ from moebal.train.config import TrainConfig, check_configs
 from moebal.train.context import StopSignals, resolve_amp_dtype, resolve_device, run_settings
 from moebal.train.errors import NonFiniteLoss, RunInterrupted
 from moebal.train.optim import build_optimizer
-from moebal.train.results import History, StepStats, TrainResult
+from moebal.train.results import History, StepStats, TrainResult, balance_summary
 from moebal.train.rundir import RunDir, load_checkpoint, save_checkpoint
 from moebal.train.state import capture, restore
 from moebal.train.trace import RoutingTrace, TraceRecorder, save_trace
@@ -420,18 +420,12 @@ class Trainer:
 
     def result(self) -> TrainResult:
         last_eval = self.evals[-1] if self.evals else {}
-        vio = self.tracker.max_vio_batch if self.tracker is not None else np.zeros(0)
         nan = float("nan")
         return TrainResult(
             steps=self.step,
             final_loss=self.last_loss,
             val_loss=last_eval.get("val_loss", nan),
             val_ppl=last_eval.get("val_ppl", nan),
-            max_vio_global=last_eval.get("max_vio_global", nan),
-            avg_max_vio=self.tracker.avg_max_vio if self.tracker is not None else nan,
-            sup_max_vio=self.tracker.sup_max_vio if self.tracker is not None else nan,
-            max_vio_batch_first=float(vio[0]) if vio.size else nan,
-            max_vio_batch_last=float(vio[-1]) if vio.size else nan,
             tokens=self.tokens_seen,
             train_seconds=self.train_seconds,
             wall_seconds=self.wall_seconds,
@@ -445,15 +439,7 @@ class Trainer:
             preset=self.preset,
             diverged_step=self.diverged_step,
             divergence=self.divergence,
-            dropped_frac=self.tracker.dropped_frac if self.tracker is not None else nan,
-            sup_max_vio_layers=(float(self.tracker.history.max())
-                                if self.tracker is not None and self.tracker.per_layer else nan),
-            max_vio_global_layers=max(last_eval.get("max_vio_global_layers") or [nan]),
-            optimal_gap=(float(np.mean([g["gap"] for g in self.optimal_gaps]))
-                         if self.optimal_gaps else nan),
-            price_of_balance=(float(np.mean([g["price_of_balance"] for g in self.optimal_gaps]))
-                              if self.optimal_gaps else nan),
-            optimal_gap_samples=len(self.optimal_gaps),
+            **balance_summary(self.tracker, last_eval, self.optimal_gaps),
             out_dir=str(self.out_dir) if self.out_dir is not None else None,
             model_config=self.model_cfg.to_dict(),
             train_config=self.train_cfg.to_dict(),
