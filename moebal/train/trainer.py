@@ -180,7 +180,7 @@ class Trainer:
         cfg = self.train_cfg
         model = self.model
         model.train()
-        router_seconds = 0.0
+        router_timers = []  # resolved once the step is done (CUDA events: no sync before)
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -200,7 +200,7 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             totals += torch.stack([out.loss.detach(), out.lm_loss.detach(),
                                    out.router_loss.detach().float()])
-            router_seconds += out.router_seconds
+            router_timers.append(out.router_timer)
             if L:
                 loads_LE += out.loads_LE
             if self.tracer is not None:
@@ -221,6 +221,7 @@ class Trainer:
             self.step = step
         self._sync()
         seconds = time.perf_counter() - start
+        router_seconds = sum((t.seconds for t in router_timers), 0.0)
         loads_np = self.reduce_loads(loads_LE).cpu().numpy()
         if self.tracker is not None and finite:
             routed_slots = cfg.global_batch * self.model_cfg.seq_len * self.model_cfg.top_k
