@@ -252,3 +252,10 @@ def optimal_score_gap(scores_TE: torch.Tensor, indices_TK: torch.Tensor,
     return {"gap": (s_opt - s) / s_opt if s_opt else float("nan"),
             "price_of_balance": (s_top - s_opt) / s_top if s_top else float("nan"),
             "score": s, "optimal": s_opt, "topk": s_top}
+
+
+def optimal_score_gaps(routings: Sequence[Any]) -> list[dict[str, float]]:
+    """:func:`optimal_score_gap` of each non-empty ``moebal.routing.Routing`` (one per MoE
+    layer of a forward) that carries its scores."""
+    return [optimal_score_gap(r.scores_TE, r.indices_TK, r.kept_TK) for r in routings
+            if r.scores_TE is not None and r.scores_TE.numel()]

@@ -23,7 +23,7 @@ from torch import nn
 
 from moebal.model.config import ModelConfig
 from moebal.model.experts import GroupedExperts
-from moebal.routing import Router, Routing, RoutingLog
+from moebal.routing import Router, RouterTimer, Routing, RoutingLog
 
 
 class RMSNorm(nn.Module):
@@ -147,7 +147,9 @@ class ModelOutput:
     dropped_L       int64 [L]: token-slots capacity dropped per MoE layer (0 dropless).
     routed_slots    T*K, the token-slots each MoE layer routed (kept or dropped).
     routings        the :class:`Routing` of each MoE layer, in model order.
-    router_seconds  wall time of the layers' gates and routers (``time_routers=True``).
+    router_timer    the time of the layers' gates and routers (``time_routers=True``), a
+                    :class:`~moebal.routing.RouterTimer`: read ``router_seconds`` (on CUDA
+                    that waits for the timed kernels) once the step is done.
     """
 
     logits: torch.Tensor
@@ -158,7 +160,12 @@ class ModelOutput:
     dropped_L: Optional[torch.Tensor] = None
     routed_slots: int = 0
     routings: list[Routing] = field(default_factory=list)
-    router_seconds: float = 0.0
+    router_timer: RouterTimer = field(default_factory=RouterTimer)
+
+    @property
+    def router_seconds(self) -> float:
+        """Seconds in the layers' gates and routers (0 unless timed)."""
+        return self.router_timer.seconds
 
 
 class MoEModel(nn.Module):
@@ -288,4 +295,4 @@ class MoEModel(nn.Module):
         log.commit()
         return ModelOutput(logits_BSV, loss, lm_loss, router_loss, loads_LE,
                            dropped_L=routed_slots - loads_LE.sum(dim=1), routed_slots=routed_slots,
-                           routings=routings, router_seconds=log.router_seconds)
+                           routings=routings, router_timer=log.timer)

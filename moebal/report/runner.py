@@ -27,6 +27,7 @@ from moebal.report.plan import Plan, config_differences, experiment_config, run_
 from moebal.report.simcolumn import simulate_run
 from moebal.report.results import RESULTS_FILE, SCHEMA, load_results
 from moebal.train import ResumeError, RunDir, RunInterrupted, TrainResult
+from moebal.train.device_info import device_count, merge_processes, other_gpu_processes
 from moebal.train.results import finite_or_none
 
 RUN_RECORD = "run.json"
@@ -210,6 +211,7 @@ def environment(device: str, threads: int = 0) -> dict[str, Any]:
         env["device_name"] = torch.cuda.get_device_name(0)
     if hasattr(os, "getloadavg"):  # other work on the machine makes timings noisy
         env["load_average_at_start"] = round(os.getloadavg()[0], 2)
+    env["device_count"], env["gpu_other_processes"] = device_count(), other_gpu_processes(device)
     return env
 
 
@@ -327,6 +329,9 @@ def _run_plan(plan: Plan, out: Path, corpus, config: dict, previous: Optional[di
         results["updated_at"] = _now()
         if hasattr(os, "getloadavg"):
             results["environment"]["load_average_at_last_update"] = round(os.getloadavg()[0], 2)
+        env = results["environment"]  # every other process on the GPU seen at any save
+        env["gpu_other_processes"] = merge_processes(env.get("gpu_other_processes"),
+                                                     other_gpu_processes(plan.device))
         order = {key: i for i, key in enumerate(plan.runs())}
         results["runs"].sort(key=lambda r: order.get((r["method"], r["seed"]), len(order)))
         atomic_write_json(out / RESULTS_FILE, results)

@@ -18,23 +18,25 @@ from moebal.routing.config import (
     router_option_names,
     routing_settings,
 )
-from moebal.routing.router import (
+from moebal.routing.log import (
+    FINITE_CHECKS,
     NonFiniteLogits,
     PendingUpdate,
-    Router,
-    Routing,
+    RouterTimer,
     RoutingLog,
-    gate_logits,
 )
+from moebal.routing.router import Router, Routing, gate_logits
 
 __all__ = [
     "BALANCERS",
+    "FINITE_CHECKS",
     "Balancer",
     "BalancerConfig",
     "NonFiniteLogits",
     "PendingUpdate",
     "Router",
     "RouterConfig",
+    "RouterTimer",
     "Routing",
     "RoutingContext",
     "RoutingLog",

@@ -5,10 +5,13 @@ k is for short rows, and much less for small k on long rows; along dim 0 it is f
 contiguous transposed copy than in place (``torch.kthvalue`` measured slower than it for
 every shape the balancers use). A large k on long rows (the expert side of BIP and quantile
 balancing) goes to the sampled-bracket selection of :mod:`moebal.routing.select`, exact
-and several times faster.
+and several times faster. :func:`expert_counts` counts tokens per expert without a host
+synchronisation on accelerators.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -40,6 +43,33 @@ def kth_largest(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 def topk_indices(x_TE: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest entries of each row (distinct per row, in no set order)."""
     return torch.topk(x_TE, k, dim=-1, sorted=False).indices
+
+
+def expert_counts(
+    indices_N: torch.Tensor, num_experts: int, keep_N: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """int64 ``[num_experts]``: how many of the 1-D ``indices_N`` (each in
+    ``0..num_experts-1``) name each expert, counting only where ``keep_N`` (bool, same
+    shape) is True when given.
+
+    ``torch.bincount`` on CPU; elsewhere :func:`scatter_counts`, since bincount (and
+    boolean indexing) on CUDA read a value on the host to size their output.
+    """
+    if indices_N.device.type == "cpu":
+        return torch.bincount(indices_N if keep_N is None else indices_N[keep_N],
+                              minlength=num_experts)
+    return scatter_counts(indices_N, num_experts, keep_N)
+
+
+def scatter_counts(
+    indices_N: torch.Tensor, num_experts: int, keep_N: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """What :func:`expert_counts` returns, by a scatter-add of ones (or of ``keep_N``) into
+    zeros: no output size to read on the host (deterministic: integer sums)."""
+    indices_N = indices_N.long()
+    ones_N = torch.ones_like(indices_N) if keep_N is None else keep_N.long()
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=indices_N.device)
+    return counts_E.scatter_add_(0, indices_N, ones_N)
 
 
 class Workspace:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -34,6 +33,14 @@ from torch import nn
 from moebal.routing.balancers import Balancer, RoutingContext
 from moebal.routing.config import RouterConfig
 from moebal.routing.groups import group_mask_TE
+from moebal.routing.kernels import expert_counts
+from moebal.routing.log import (  # NonFiniteLogits: where it was defined before
+    NonFiniteLogits,
+    PendingUpdate,
+    RoutingLog,
+    check_finite_mode,
+    check_finite_now,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.distributed as dist
@@ -77,59 +84,6 @@ class Routing:
         return self.routed_slots - self.loads_E.sum()
 
 
-class NonFiniteLogits(ValueError):
-    """The router was given logits with a NaN or inf entry (a diverged model)."""
-
-
-@dataclass
-class PendingUpdate:
-    """One router's balancer update of one forward, applied by :meth:`Router.commit`.
-
-    ``ctx.updates`` holds the new values of buffers that ``select``/``loss`` computed;
-    ``loads_E`` goes to ``observe``; ``replay`` tells whether to keep the state from before
-    the update for an activation-checkpointing recompute.
-    """
-
-    ctx: RoutingContext
-    loads_E: torch.Tensor
-    replay: bool
-
-
-class RoutingLog:
-    """The routings of one model forward, layer by layer, and their pending balancer updates.
-
-    A model makes one per forward and hands it to every MoE layer; each router appends its
-    :class:`Routing` to ``routings`` and, in training mode, its balancer update to the
-    pending list instead of applying it. ``commit()`` — once the whole forward succeeded —
-    applies them all; a forward that raises (say :class:`NonFiniteLogits` in a later layer)
-    drops the log and no balancer state has changed. ``timed``: layers add the wall time
-    of gate + router to ``router_seconds``.
-    """
-
-    def __init__(self, timed: bool = False) -> None:
-        self.routings: list[Routing] = []
-        self.timed = timed
-        self.router_seconds = 0.0
-        self._pending: list[tuple["Router", PendingUpdate]] = []
-        self._staged: set[int] = set()
-
-    def stage(self, router: "Router", update: PendingUpdate) -> None:
-        """Keep ``router``'s update of this forward until :meth:`commit`."""
-        if id(router) in self._staged:
-            raise ValueError(
-                "a router routed twice in one RoutingLog; its second update would overwrite "
-                "the first (use one log per forward, one call per router)"
-            )
-        self._staged.add(id(router))
-        self._pending.append((router, update))
-
-    def commit(self) -> None:
-        """Apply every staged balancer update, in layer order; the log is then empty of them."""
-        pending, self._pending, self._staged = self._pending, [], set()
-        for router, update in pending:
-            router.commit(update)
-
-
 def gate_logits(
     x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: Optional[torch.Tensor] = None,
     float32: bool = True,
@@ -165,11 +119,17 @@ class Router(nn.Module):
     ``log`` (a :class:`RoutingLog`), when the caller commits the log after its whole
     forward. Under activation checkpointing the recompute in backward routes again without
     updating anything; with ``replay = True`` it routes from the state its forward saw.
+
+    ``finite_check`` ("auto", "sync", "deferred", "off"): how logits with a NaN or inf entry
+    are refused (:class:`NonFiniteLogits`; see :mod:`moebal.routing.log`). "auto": checked
+    before routing on CPU tensors; on others, in training with a log, by ``log.commit()``
+    without stopping the device. A balancer that reads the scores on the host
+    (``Balancer.reads_on_host``) is always checked before routing, unless "off".
     """
 
     def __init__(
         self, config: RouterConfig, group: Optional["dist.ProcessGroup"] = None,
-        auto_step: bool = True,
+        auto_step: bool = True, finite_check: str = "auto",
     ):
         super().__init__()
         config.validate()
@@ -183,6 +143,7 @@ class Router(nn.Module):
             kind.select is Balancer.select and kind.selection_scores is Balancer.selection_scores
         )
         self.auto_step = bool(auto_step)
+        self.finite_check = finite_check
         self.replay = False
         self._replay: collections.deque = collections.deque()
 
@@ -192,6 +153,26 @@ class Router(nn.Module):
             f", groups={c.group_topk} of {c.num_groups} ({c.group_score})")
         return (f"E={c.num_experts}, K={c.top_k}, score={c.score_function}, "
                 f"balancer={c.balancer_name}{groups}")
+
+    @property
+    def finite_check(self) -> str:
+        """"auto", "sync", "deferred" or "off" (validated on assignment)."""
+        return self._finite_check
+
+    @finite_check.setter
+    def finite_check(self, value: str) -> None:
+        self._finite_check = check_finite_mode(value)
+
+    def _finite_mode(self, logits_TE: torch.Tensor, deferrable: bool) -> str:
+        """The check this call runs: "sync", "deferred" (only when ``deferrable``) or "off"."""
+        mode = self._finite_check
+        if mode == "off":
+            return mode
+        if mode == "auto":
+            mode = "sync" if logits_TE.device.type == "cpu" else "deferred"
+        if mode == "deferred" and (not deferrable or self.balancer.reads_on_host):
+            mode = "sync"
+        return mode
 
     def _check(self, logits_TE: torch.Tensor) -> None:
         if not isinstance(logits_TE, torch.Tensor):
@@ -206,17 +187,6 @@ class Router(nn.Module):
                 f"logits have {logits_TE.shape[1]} columns but num_experts is "
                 f"{self.config.num_experts}"
             )
-        # One cheap reduction: the sum is finite whenever every entry is, unless it overflows;
-        # only then (or when something is NaN/inf) look at every entry.
-        acc = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
-        if logits_TE.numel() and not math.isfinite(float(logits_TE.detach().sum(dtype=acc))):
-            bad = ~torch.isfinite(logits_TE)
-            if bool(bad.any()):
-                where = tuple(int(i) for i in bad.nonzero()[0])
-                raise NonFiniteLogits(
-                    f"logits contain NaN or inf ({int(bad.sum())} entries, first at "
-                    f"{where}: {logits_TE[where].item()!r})"
-                )
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         logits_TE = logits_TE.float()
@@ -229,10 +199,23 @@ class Router(nn.Module):
         log: Optional[RoutingLog] = None,
     ) -> Routing:
         """Route one batch. With ``log`` the routing is appended to it and the balancer
-        update waits for ``log.commit()``; without, the update is applied before returning."""
+        update waits for ``log.commit()``; without, the update is applied before returning.
+        Raises :class:`NonFiniteLogits` for NaN/inf logits (here, or from ``log.commit()``
+        with the deferred check)."""
         if self.training and recomputing():
             return self._recompute(logits_TE, seq_len)
-        routing, ctx = self._route(logits_TE, seq_len)
+        self._check(logits_TE)
+        check = self._finite_mode(logits_TE, deferrable=log is not None and self.training)
+        if check == "sync":
+            check_finite_now(logits_TE)
+        elif check == "deferred":
+            log.stage_finite(logits_TE)
+        try:
+            routing, ctx = self._route(logits_TE, seq_len)
+        except Exception:
+            if check == "deferred":  # a routing that failed on NaN/inf logits says so
+                log.check_finite()
+            raise
         if log is not None:
             log.routings.append(routing)
         if self.training and ctx is not None:
@@ -249,22 +232,25 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, Routing]:
         """Gate and route: ``(logits_TE, routing)`` for hidden states ``x_TD``.
 
-        :func:`gate_logits` then ``forward``; with ``log.timed`` the wall time of both is
-        added to ``log.router_seconds`` (synchronising on CUDA, so kernels are counted).
+        :func:`gate_logits` then ``forward``; with ``log.timed`` the time of both goes to
+        ``log.timer`` (on CUDA a pair of timing events on the stream, nothing synchronised;
+        ``log.router_seconds`` resolves them).
         """
         timed = log is not None and log.timed
         if timed:
-            _sync(x_TD.device)
-            start = time.perf_counter()
+            token = log.timer.start(x_TD.device)
         logits_TE = gate_logits(x_TD, weight_ED, bias_E, float32)
         routing = self(logits_TE, seq_len, log=log)
         if timed:
-            _sync(x_TD.device)
-            log.router_seconds += time.perf_counter() - start
+            log.timer.stop(x_TD.device, token)
         return logits_TE, routing
 
     def _recompute(self, logits_TE: torch.Tensor, seq_len: Optional[int]) -> Routing:
-        """Backward re-runs a checkpointed forward: route again, change nothing."""
+        """Backward re-runs a checkpointed forward: route again, change nothing (the logits
+        are its forward's, checked there; here only when the check is synchronous)."""
+        self._check(logits_TE)
+        if self._finite_mode(logits_TE, deferrable=True) == "sync":
+            check_finite_now(logits_TE)
         if not self._replay:
             return self._route(logits_TE, seq_len)[0]
         before = self._replay.popleft()
@@ -295,7 +281,6 @@ class Router(nn.Module):
     def _route(
         self, logits_TE: torch.Tensor, seq_len: Optional[int]
     ) -> tuple[Routing, Optional[RoutingContext]]:
-        self._check(logits_TE)
         cfg = self.config
         T, E, K = logits_TE.shape[0], cfg.num_experts, cfg.top_k
         if seq_len is not None and (seq_len < 1 or T % seq_len):
@@ -332,7 +317,7 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=E)
+        counts_E = expert_counts(indices_TK.flatten(), E)
         ctx.counts_E = counts_E
         if cfg.capacity_factor is None:
             kept_TK = torch.ones_like(indices_TK, dtype=torch.bool)
@@ -340,7 +325,7 @@ class Router(nn.Module):
         else:
             kept_TK = self._capacity_mask(indices_TK, weights_TK, counts_E, T)
             weights_TK = weights_TK * kept_TK
-            loads_E = torch.bincount(indices_TK[kept_TK], minlength=E)
+            loads_E = expert_counts(indices_TK.flatten(), E, kept_TK.flatten())
 
         aux_loss = balancer.loss(scores_TE, indices_TK, ctx)
         if cfg.z_loss_coeff > 0:
@@ -391,11 +376,6 @@ class Router(nn.Module):
     @_explicit_steps.setter
     def _explicit_steps(self, value: bool) -> None:
         self.auto_step = not value
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def recomputing() -> bool:

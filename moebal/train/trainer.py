@@ -35,7 +35,7 @@ import torch
 
 from moebal.data import BatchSampler, Corpus, eval_windows
 from moebal.data.batches import windows_to_batch
-from moebal.metrics import BalanceTracker, optimal_score_gap
+from moebal.metrics import BalanceTracker, optimal_score_gaps
 from moebal.model import MoELayer, MoEModel, ModelConfig
 from moebal.routing import NonFiniteLogits
 from moebal.train.config import TrainConfig, check_configs
@@ -181,7 +181,7 @@ class Trainer:
         cfg = self.train_cfg
         model = self.model
         model.train()
-        router_seconds = 0.0
+        router_timers = []  # resolved once the step is done (CUDA events: no sync before)
         self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -202,7 +202,7 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             totals += torch.stack([out.loss.detach(), out.lm_loss.detach(),
                                    out.router_loss.detach().float()])
-            router_seconds += out.router_seconds
+            router_timers.append(out.router_timer)
             if L:
                 loads_LE += out.loads_LE
             if self.tracer is not None:
@@ -210,8 +210,7 @@ class Trainer:
             if m == 0 and cfg.optimal_gap and (self.step == 0
                                                or (self.step + 1) % cfg.eval_every == 0):
                 gap_start = time.perf_counter()  # a measurement, not part of the step's time
-                gaps = [optimal_score_gap(r.scores_TE, r.indices_TK, r.kept_TK)
-                        for r in out.routings if r.scores_TE is not None and r.scores_TE.numel()]
+                gaps = optimal_score_gaps(out.routings)
                 start += time.perf_counter() - gap_start
         loss, lm_loss, aux_loss = (self.reduce_losses(totals) / cfg.grad_accum).tolist()
         lr = self.lr
@@ -229,6 +228,7 @@ class Trainer:
             self.step = step
         self._sync()
         seconds = time.perf_counter() - start
+        router_seconds = sum((t.seconds for t in router_timers), 0.0)
         loads_np = self.reduce_loads(loads_LE).cpu().numpy()
         if self.tracker is not None and finite:
             routed_slots = cfg.global_batch * self.model_cfg.seq_len * self.model_cfg.top_k

@@ -114,6 +114,9 @@ class Balancer(nn.Module):
 
     name: str = ""
     Config: ClassVar[type[BalancerConfig]] = BalancerConfig
+    # True for a balancer whose selection reads the scores on the host (an LP, a
+    # convergence test): the router then checks finiteness before routing, never deferred
+    reads_on_host: ClassVar[bool] = False
 
     def __init__(self, config: "RouterConfig") -> None:
         super().__init__()

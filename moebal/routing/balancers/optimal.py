@@ -285,6 +285,8 @@ class OptimalBalancer(Balancer):
         def validate(self) -> None:
             check_choice("optimal_solver", self.solver, ("flow", "highs"))
 
+    reads_on_host = True  # the solver runs on the host
+
     def select(self, scores_TE: torch.Tensor, top_k: int, ctx: RoutingContext) -> torch.Tensor:
         if ctx.allowed_TE is not None:
             scores_TE = forbid_outside(scores_TE.detach().double(), ctx.allowed_TE, top_k)
