@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/moebal compare --resume
+	$(VENV)/bin/moebal compare --resume --jobs auto
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -24,6 +24,7 @@ The plan is built and checked in :mod:`moebal.report.plan`, run in
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1e-3, 1e-2; loss_free: bias_update_rate 1e-4, 1e-3, 1e-2; bip: "
                              "bip_iters 2, 4, 8); the report gives the best by validation "
                              "beside the paper setting. Repeatable")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+    parser.add_argument("--jobs", type=_jobs, default=1, metavar="N",
                         help="train N runs at a time, each in its own process (default: "
-                             "%(default)s); on a CPU give each run its own cores")
+                             "%(default)s); 'auto': on a CPU one per core the runs' threads "
+                             "leave (each run uses one thread unless --set threads=N), on a "
+                             "GPU one")
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train each balancer with seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--preset", default=DEFAULT_PRESET,
@@ -94,6 +97,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep each finished run's checkpoint.pt (default: deleted once "
                              "the run is recorded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _jobs(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def auto_jobs(plan) -> int:
+    """``--jobs auto``: on a CPU as many runs as the cores hold at the plan's threads per
+    run (at most the number of runs); on a GPU one."""
+    if plan.device != "cpu":
+        return 1
+    threads = plan.train.threads or os.cpu_count() or 1
+    return max(1, min(len(plan.runs()), (os.cpu_count() or 1) // threads))
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -142,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_comparison(
         plan, args.out, resume=args.resume, force=args.force,
         keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
-        jobs=args.jobs,
+        jobs=auto_jobs(plan) if args.jobs == "auto" else args.jobs,
     )
     failed = [r for r in results["runs"] if r["status"] == "failed"]
     out = Path(args.out)

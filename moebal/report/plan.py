@@ -217,6 +217,7 @@ def experiment_config(plan: Plan, corpus) -> dict[str, Any]:
         "data": describe_data(plan, corpus),
         "data_identity": corpus.identity(),
         "tokens_per_step": cfg.global_batch * plan.model.seq_len,
+        "world_size": 1,  # every run trains on one device
     }
 
 
@@ -231,7 +232,7 @@ def describe_data(plan: Plan, corpus) -> str:
 # Fields that may differ between an interrupted comparison and the one resuming it: of the
 # config block, these keys; of its training config, those a resumed run may change.
 FREE_KEYS = ("seeds", "balancers", "balancer_options", "variants", "sweep", "data",
-             "params_total", "params_active")
+             "params_total", "params_active", "world_size")
 FREE_TRAIN = RESUME_FREE_FIELDS
 
 
