@@ -72,7 +72,7 @@ def test_compare_two_balancers_end_to_end(tmp_path, text_file, capsys):
                  "plots/load_heatmaps.png", "plots/router_overhead.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
-    assert "| Aux loss | α=0.01 |" in md and "None (plain top-k)" in md
+    assert "| Aux loss (α=1e-3) | α=0.001 |" in md and "None (plain top-k)" in md
     assert "What this run says about the papers' claims" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "plots/" not in html
@@ -175,8 +175,8 @@ def test_a_diverging_method_is_marked_failed_and_the_others_go_on(tmp_path, text
     assert none["status"] == "ok" and none["steps"] == 6
     assert load_results(out)["runs"] == results["runs"]
     md = to_markdown(build_document(results, plots={}))
-    assert "Aux loss, seed 0: stopped at step 4" in md
-    assert "0 / 1" not in md and "| Aux loss | α=0.01 | 0/1 (failed: seed 0 at step 4)" in md
+    assert "Aux loss (α=1e-3), seed 0: stopped at step 4" in md
+    assert "0 / 1" not in md and "0/1 (failed: seed 0 at step 4) |" in md
 
 
 def _numbers(row):

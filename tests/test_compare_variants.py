@@ -146,3 +146,21 @@ def test_the_cluster_column_replays_a_trace_with_standard_ep_and_lp_scheduling(t
     assert sim["lp_speedup"] == pytest.approx(sim["standard_ep_ms"] / sim["lp_ms"])
     assert simulate_run(tmp_path / "missing.npz") is None
     json.dumps(sim)
+
+
+def test_the_cluster_column_is_deterministic_and_report_simulate_recomputes_it(
+        tmp_path, text_file, capsys):
+    from moebal.cli import main
+
+    out = tmp_path / "c"
+    first = run_comparison(_plan(text_file, "none"), out, progress=False, report=False)
+    assert simulate_run(out / first["runs"][0]["run_dir"] / "trace.npz") == first["runs"][0]["sim"]
+    saved = json.loads((out / "results.json").read_text())
+    saved["runs"][0]["sim"] = None
+    (out / "results.json").write_text(json.dumps(saved))
+    assert main(["report", str(out), "--simulate"]) == 0
+    assert "simulated 1 runs' traces" in capsys.readouterr().out
+    assert load_results(out)["runs"][0]["sim"] == first["runs"][0]["sim"]
+    (out / first["runs"][0]["run_dir"] / "trace.npz").unlink()
+    assert main(["report", str(out), "--simulate"]) == 2
+    assert "has a routing trace" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from typing import ClassVar, Union
 
 import torch
 
+from moebal.routing.kernels import expert_counts
 from moebal.routing.balancers.base import (
     Balancer,
     BalancerConfig,
@@ -76,7 +77,7 @@ class AuxLoss(Balancer):
     ) -> torch.Tensor:
         counts_E = ctx.counts_E
         if counts_E is None:
-            counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+            counts_E = expert_counts(indices_TK.flatten(), scores_TE.shape[1])
         T, K = scores_TE.shape[0], indices_TK.shape[1]
         scores_TE = aux_loss_scores(scores_TE, self.config.score_function)
         return switch_aux_loss(scores_TE, counts_E, T, K, self.options.coeff)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from moebal.routing.kernels import expert_counts
 from moebal.routing.balancers.collectives import all_reduce_sum_
 from moebal.routing.balancers.aux_loss import AuxLoss, aux_loss_scores, switch_aux_loss
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
@@ -51,7 +52,7 @@ class GlobalAuxLoss(Balancer):
         K = indices_TK.shape[1]
         counts_E = ctx.counts_E
         if counts_E is None:
-            counts_E = torch.bincount(indices_TK.flatten(), minlength=E)
+            counts_E = expert_counts(indices_TK.flatten(), E)
         # global counts and tokens of this micro-batch, in one collective
         packed = torch.cat([counts_E.to(torch.float64), counts_E.new_full((1,), T).double()])
         all_reduce_sum_(packed, ctx.group)

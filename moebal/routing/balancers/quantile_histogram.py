@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from moebal.routing.kernels import expert_counts
+
 
 def histogram_low(beta_E: torch.Tensor, margin: float) -> torch.Tensor:
     """``lo_j = beta_j - margin``: the lower edge of each expert's range (float32)."""
@@ -59,7 +61,7 @@ def histogram_counts_TE(
     """
     E = x_TE.shape[1]
     cells = _cells(x_TE, lo_E, margin, bins, out=x_TE).view(-1).to(torch.int32)
-    return torch.bincount(cells, minlength=E * (bins + 2)).view(E, bins + 2)
+    return expert_counts(cells, E * (bins + 2)).view(E, bins + 2)
 
 
 def kth_largest_bin(counts_EB: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

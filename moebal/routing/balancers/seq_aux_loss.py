@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moebal.routing.kernels import expert_counts
 from moebal.routing.balancers.aux_loss import AuxLoss, aux_loss_scores
 from moebal.routing.balancers.base import Balancer, RoutingContext, register_balancer
 
@@ -44,6 +45,6 @@ class SeqAuxLoss(Balancer):
         else:
             seq_T = torch.arange(T, device=indices_TK.device) // S
             flat = (seq_T.unsqueeze(1) * E + indices_TK).flatten()
-            counts_BE = torch.bincount(flat, minlength=B * E).view(B, E)
+            counts_BE = expert_counts(flat, B * E).view(B, E)
         f_BE = counts_BE.to(probs_BE.dtype) * (E / (K * S))
         return (f_BE * probs_BE).sum() * (self.options.coeff / B)
