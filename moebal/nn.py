@@ -39,10 +39,10 @@ class GateOutput(Routing):
 
     indices_TK, weights_TK, kept_TK, aux_loss, z_loss, loads_E as in ``Routing``
     (``loss`` = aux_loss + z_loss); logits_TE the raw gate logits (float32 when the input
-    is, else the input's dtype). Weights are float32.
+    is, else the input's dtype; always given by ``MoEGate``). Weights are float32.
     """
 
-    logits_TE: torch.Tensor
+    logits_TE: Optional[torch.Tensor] = None
 
     def max_vio(self) -> float:
         """MaxVio of these loads against the ideal ``T*K/E`` (``moebal.metrics``)."""
@@ -167,6 +167,7 @@ class MoEGate(nn.Module):
             aux_loss=routing.aux_loss,
             z_loss=routing.z_loss,
             loads_E=routing.loads_E,
+            scores_TE=routing.scores_TE,
             logits_TE=logits_TE,
         )
 

@@ -2,14 +2,12 @@
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from moebal.data.corpus import Corpus
 from moebal.metrics import BalanceTracker, max_violation, max_violation_per_layer
 from moebal.model import MoEModel, ModelConfig
 from moebal.routing import NonFiniteLogits, Router, RouterConfig, RoutingLog
@@ -75,19 +73,11 @@ def test_model_output_counts_dropped_slots():
     assert int(dropless.dropped_L.abs().sum()) == 0
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    return Corpus(train=rng.integers(0, 512, 4000).astype(np.uint16),
-                  val=rng.integers(0, 512, 1000).astype(np.uint16), tokenizer=None,
-                  vocab_size=512, eos_id=None, directory=Path(tmp_path), key="test")
-
-
-def test_capacity_0_01_is_reported_as_dropping_not_as_balance(corpus):
+def test_capacity_0_01_is_reported_as_dropping_not_as_balance(small_corpus):
     model_cfg, train_cfg = get_preset("micro")
     model_cfg = dataclasses.replace(model_cfg, router_options={"capacity_factor": 0.01})
     train_cfg = dataclasses.replace(train_cfg, steps=2, eval_every=0, eval_batches=1)
-    t = Trainer(model_cfg, train_cfg, corpus)
+    t = Trainer(model_cfg, train_cfg, small_corpus)
     stats = t.train_step()
     record = stats.record(0, 0.0)
     T, K, E = train_cfg.batch_size * model_cfg.seq_len, model_cfg.top_k, model_cfg.num_experts
@@ -101,10 +91,10 @@ def test_capacity_0_01_is_reported_as_dropping_not_as_balance(corpus):
     assert t.result().dropped_frac == pytest.approx(record["dropped_frac"])
 
 
-def test_dropless_training_numbers_are_unchanged(corpus):
+def test_dropless_training_numbers_are_unchanged(small_corpus):
     model_cfg, train_cfg = get_preset("micro")
     train_cfg = dataclasses.replace(train_cfg, steps=2, eval_every=0, eval_batches=1)
-    stats = Trainer(model_cfg, train_cfg, corpus).train_step()
+    stats = Trainer(model_cfg, train_cfg, small_corpus).train_step()
     assert stats.dropped_frac == 0.0
     assert stats.max_vio_batch == max_violation_per_layer(stats.loads_LE).mean()
 

@@ -4,13 +4,10 @@ one), with the same error and no balancer changed; and the router's time is meas
 CUDA events on GPU, resolved only when read."""
 
 import dataclasses
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from moebal.data.corpus import Corpus
 from moebal.model import MoEModel, ModelConfig
 from moebal.routing import (
     FINITE_CHECKS,
@@ -197,19 +194,11 @@ def test_a_forward_that_raises_after_a_deferred_layer_changes_nothing():
     assert not bit_identical(before, balancer_buffers(model))
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    return Corpus(train=rng.integers(0, 512, 4000).astype(np.uint16),
-                  val=rng.integers(0, 512, 1000).astype(np.uint16), tokenizer=None,
-                  vocab_size=512, eos_id=None, directory=Path(tmp_path), key="test")
-
-
-def test_the_trainer_stops_on_deferred_nan_logits_and_changes_no_router(corpus):
+def test_the_trainer_stops_on_deferred_nan_logits_and_changes_no_router(small_corpus):
     model_cfg, train_cfg = get_preset("micro")
     model_cfg = dataclasses.replace(model_cfg, balancer="loss_free")
     train_cfg = dataclasses.replace(train_cfg, steps=4, eval_every=0, eval_batches=1)
-    t = Trainer(model_cfg, train_cfg, corpus)
+    t = Trainer(model_cfg, train_cfg, small_corpus)
     for r in t.model.routers():
         r.finite_check = "deferred"
     t.train_step()
@@ -241,11 +230,11 @@ def test_timed_route_fills_the_log_and_an_untimed_one_does_not():
     assert timed.router_seconds > 0 and plain.router_seconds == 0.0
 
 
-def test_the_trainer_reads_router_seconds_from_the_step(corpus):
+def test_the_trainer_reads_router_seconds_from_the_step(small_corpus):
     model_cfg, train_cfg = get_preset("micro")
     train_cfg = dataclasses.replace(train_cfg, steps=2, eval_every=0, eval_batches=1,
                                     grad_accum=2)
-    stats = Trainer(model_cfg, train_cfg, corpus).train_step()
+    stats = Trainer(model_cfg, train_cfg, small_corpus).train_step()
     assert 0 < stats.router_seconds < stats.seconds
 
 

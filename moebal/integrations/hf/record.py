@@ -18,7 +18,8 @@ from moebal.routing import Routing
 
 def detached(routing: Routing) -> Routing:
     """``routing`` with every tensor detached from its autograd graph."""
-    return Routing(**{f.name: getattr(routing, f.name).detach() for f in fields(Routing)})
+    return Routing(**{f.name: None if getattr(routing, f.name) is None
+                      else getattr(routing, f.name).detach() for f in fields(Routing)})
 
 
 class RoutingRecord:
