@@ -8,8 +8,10 @@ Writes a run folder (--out, default runs/compare):
                             with paired statistics over the seeds, the plots
     plots/*.png
     runs/<method>/seed<k>/  one training run each: config.json, metrics.jsonl,
-                            result.json, run.json (its row in results.json), and
-                            checkpoint.pt while it trains (kept with --keep-checkpoints)
+                            result.json, run.json (its row in results.json),
+                            trace.npz (its routing trace: the report's simulated
+                            cluster column), and checkpoint.pt while it trains (kept
+                            with --keep-checkpoints)
 
 An interrupted comparison (Ctrl-C, SIGTERM: the run in progress checkpoints first)
 continues with --resume: finished runs are read back, an unfinished one continues from its
