@@ -278,3 +278,30 @@ def test_train_help_states_the_checkpoint_defaults(capsys):
     assert "checkpoint_every steps (default 0 = off for micro and tiny" in text
     assert "checkpoint_interval_s seconds of wall time (default 600" in text
     assert "130 (SIGINT) or 143 (SIGTERM)" in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_parallel_compare_runs_with_checkpoints_and_resume_finishes(data, tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "moebal.cli", "compare", "--preset", "micro", "--steps", "400",
+           "--balancers", "none,aux_loss", "--jobs", "2", "--no-progress", "--data", data["text"],
+           "--cache-dir", data["cache"], "--set", "eval_every=100", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's
+    runs = [out / "runs" / m / "seed0" for m in ("none", "aux_loss")]
+    deadline = time.monotonic() + 120
+    while (min(steps_logged(r) for r in runs) < 5 and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: " in err and err.strip().endswith("--resume")
+    assert all((r / "checkpoint.pt").is_file() for r in runs)
+    stopped = [steps_logged(r) for r in runs]
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["method"], r["status"], r["steps"]) for r in rows] == [
+        ("none", "ok", 400), ("aux_loss", "ok", 400)]
+    assert all(s < 400 for s in stopped)  # they were stopped, then continued

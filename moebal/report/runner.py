@@ -287,8 +287,8 @@ def _train_parallel(plan: Plan, corpus, out: Path, tasks: list, jobs: int,
     if progress:
         print(f"training {len(tasks)} of {total} runs, {jobs} at a time (one process each)",
               file=sys.stderr)
+    futures: dict = {}
     try:
-        futures = {}
         for i, method, seed, again, fingerprint in tasks:
             futures[pool.submit(_train_task, plan, method, seed, corpus, out, again,
                                 keep_checkpoints, fingerprint)] = (method, seed)
@@ -305,7 +305,12 @@ def _train_parallel(plan: Plan, corpus, out: Path, tasks: list, jobs: int,
             yield value
     except KeyboardInterrupt:
         pool.shutdown(wait=True, cancel_futures=True)  # the workers checkpoint first
-        raise
+        for future in futures:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                kind, value = future.result()
+                if kind == "interrupted":
+                    interrupted.append(value)
+        raise KeyboardInterrupt("; ".join(interrupted)) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if interrupted:

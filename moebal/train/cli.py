@@ -163,8 +163,9 @@ def run_command(run: Callable[[argparse.Namespace], Any], args: argparse.Namespa
         hint = f"; continue with: {resume_command(command)}" if exc.checkpoint else ""
         print(f"moebal: {exc}{hint}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("moebal: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # with a message: runs that checkpointed (compare --jobs)
+        detail = f": {exc}; continue with: {resume_command(command)}" if str(exc) else ""
+        print(f"moebal: interrupted{detail}", file=sys.stderr)
         return 130
 
 
