@@ -23,6 +23,7 @@ from moebal.report.variants import (
     get_variant,
     parse_sweep,
     sweep_variants,
+    variant_record,
 )
 from moebal.routing import balancer_defaults, router_option_names
 from moebal.train import RESUME_FREE_FIELDS, apply_overrides, get_preset
@@ -168,12 +169,11 @@ def make_plan(
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     resolved = resolve_device(device).type
-    user_threads = any(o.split("=", 1)[0].strip().replace("-", "_") == "threads" for o in overrides)
-    if resolved == "cpu" and not user_threads:
+    user = {o.split("=", 1)[0].strip().replace("-", "_") for o in overrides}  # set by --set
+    if resolved == "cpu" and "threads" not in user:
         train_cfg = dataclasses.replace(train_cfg, threads=CPU_THREADS)
     # every run records what the report's gap-to-optimal and cluster columns are made of,
     # unless --set says otherwise
-    user = {o.split("=", 1)[0].strip().replace("-", "_") for o in overrides}
     extra = {k: True for k in ("trace", "optimal_gap") if k not in user}
     if "trace" in extra and train_cfg.global_batch % train_cfg.trace_shards:
         extra["trace_shards"] = math.gcd(train_cfg.global_batch, train_cfg.trace_shards)
@@ -207,7 +207,8 @@ def experiment_config(plan: Plan, corpus) -> dict[str, Any]:
         "seeds": list(plan.seeds),
         "balancers": list(plan.balancers),
         "balancer_options": copy.deepcopy(plan.balancer_options),
-        "variants": {m: plan.variant(m).to_dict(plan.balancer_options[m]) for m in plan.balancers},
+        "variants": {m: variant_record(plan.variant(m), plan.balancer_options[m])
+                     for m in plan.balancers},
         "sweep": {base: {"option": option, "values": list(values), "paper": base,
                          "variants": sweep_variants(get_variant(base), option, values)}
                   for base, (option, values) in plan.sweeps.items()},

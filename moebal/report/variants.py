@@ -19,68 +19,65 @@ MaxVio_batch is an in-batch optimisation and only held-out balance compares them
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable, Sequence
 
-from moebal.report.methods import routes_in_batch
+from moebal.report.methods import Variant, routes_in_batch
 from moebal.routing import BALANCERS
 from moebal.train.presets import parse_value
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    balancer: str
-    options: dict[str, Any]
-    setting: str  # "paper", "moebal", "baseline" or "sweep"
-    label: str
-    why: str
+def _variant(name: str, balancer: str, options: dict[str, Any], setting: str, label: str,
+             why: str) -> Variant:
+    return Variant(name, balancer, options, setting, label, why,
+                   routes_in_batch(balancer, options))
 
-    def to_dict(self, options: dict[str, Any]) -> dict[str, Any]:
-        """config["variants"][name] of results.json, with the options actually used."""
-        return {"balancer": self.balancer, "options": dict(options), "setting": self.setting,
-                "label": self.label, "why": self.why,
-                "in_batch": routes_in_batch(self.balancer, options)}
+
+def variant_record(variant: Variant, options: dict[str, Any]) -> dict[str, Any]:
+    """config["variants"][name] of results.json, with the options actually used (which
+    decide ``in_batch``: ``--balancer-option`` may change them)."""
+    return {"balancer": variant.balancer, "options": dict(options), "setting": variant.setting,
+            "label": variant.label, "why": variant.why,
+            "in_batch": routes_in_batch(variant.balancer, options)}
 
 
 _BIP_MOEBAL = {"bip_iters": 4, "bip_warmup_iters": 32, "bip_pin_q": True}
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("none", "none", {}, "baseline", "None (plain top-k)", "no balancing: the reference"),
-    Variant("aux_loss", "aux_loss", {"aux_loss_coeff": 1e-3}, "paper", "Aux loss (α=1e-3)",
+    _variant("none", "none", {}, "baseline", "None (plain top-k)", "no balancing: the reference"),
+    _variant("aux_loss", "aux_loss", {"aux_loss_coeff": 1e-3}, "paper", "Aux loss (α=1e-3)",
             "alpha = 1e-3: the baseline the Loss-Free paper's claim was made against"),
-    Variant("seq_aux_loss", "seq_aux_loss", {"aux_loss_coeff": 0.1}, "paper",
+    _variant("seq_aux_loss", "seq_aux_loss", {"aux_loss_coeff": 0.1}, "paper",
             "Seq. aux loss (α=0.1)",
             "alpha = 0.1 per sequence: the BIP paper's Loss-Controlled baseline (MiniMind's "
             "default, from secondary sources)"),
-    Variant("global_aux_loss", "global_aux_loss", {"aux_loss_coeff": 1e-3}, "paper",
+    _variant("global_aux_loss", "global_aux_loss", {"aux_loss_coeff": 1e-3}, "paper",
             "Global aux loss (α=1e-3)", "alpha as aux_loss, f over the whole global batch"),
-    Variant("loss_free", "loss_free",
+    _variant("loss_free", "loss_free",
             {"bias_update_rate": 1e-3, "bias_update": "sign", "score_function": "sigmoid",
              "norm_topk_prob": True}, "paper", "Loss-Free",
             "the paper's setting: sigmoid gates, top-K weights normalised, u = 1e-3, sign "
             "update (Megatron-core refuses an expert bias on softmax scores)"),
-    Variant("loss_free_softmax", "loss_free",
+    _variant("loss_free_softmax", "loss_free",
             {"bias_update_rate": 1e-3, "bias_update": "sign", "score_function": "softmax",
              "norm_topk_prob": False}, "moebal", "Loss-Free (softmax)",
             "the bias on softmax probabilities, unnormalised weights: outside the paper's "
             "method, kept to show what that costs"),
-    Variant("bip", "bip", {**_BIP_MOEBAL, "bip_order": "paper"}, "moebal",
+    _variant("bip", "bip", {**_BIP_MOEBAL, "bip_order": "paper"}, "moebal",
             "BIP (moebal: warm-up 32, pinned)",
             "T_iter = 4 per batch (the paper gives none), 32 iterations on the first batch, "
             "duals pinned to min q = 0; prices from the batch being routed"),
-    Variant("bip_paper", "bip",
+    _variant("bip_paper", "bip",
             {"bip_iters": 4, "bip_warmup_iters": 4, "bip_pin_q": False, "bip_order": "paper"},
             "paper", "BIP (paper)",
             "the algorithm as the paper writes it: T_iter = 4 on every batch, the first "
             "included, no pinning; prices from the batch being routed"),
-    Variant("bip_causal", "bip", {**_BIP_MOEBAL, "bip_order": "causal"}, "moebal",
+    _variant("bip_causal", "bip", {**_BIP_MOEBAL, "bip_order": "causal"}, "moebal",
             "BIP (causal)",
             "as bip, but each batch is routed with the prices of the batches before it, "
             "then they are updated: no token's expert depends on later tokens"),
-    Variant("quantile", "quantile", {"quantile_ema": 0.0}, "paper", "Quantile",
+    _variant("quantile", "quantile", {"quantile_ema": 0.0}, "paper", "Quantile",
             "one quantile step per micro-batch, no EMA: Megatron-LM's default"),
-    Variant("sinkhorn", "sinkhorn", {}, "moebal", "Sinkhorn", "the balancer's defaults"),
-    Variant("optimal", "optimal", {}, "moebal", "Optimal (exact)",
+    _variant("sinkhorn", "sinkhorn", {}, "moebal", "Sinkhorn", "the balancer's defaults"),
+    _variant("optimal", "optimal", {}, "moebal", "Optimal (exact)",
             "the exact balanced optimum of each batch: a reference, not a method"),
 )}
 
@@ -112,14 +109,14 @@ def get_variant(name: str) -> Variant:
             raise ValueError(f"sweep point {name!r} is not of the form VARIANT@OPTION=VALUE")
         return sweep_point(get_variant(base), option, parse_value(raw))
     if name in BALANCERS:
-        return Variant(name, name, {}, "moebal", name, "the balancer's defaults")
+        return _variant(name, name, {}, "moebal", name, "the balancer's defaults")
     known = sorted(set(VARIANTS) | set(BALANCERS))
     raise ValueError(f"unknown balancer or variant {name!r}; known: {', '.join(known)}")
 
 
 def sweep_point(base: Variant, option: str, value: Any) -> Variant:
     text = format_value(value)
-    return Variant(f"{base.name}@{option}={text}", base.balancer, {**base.options, option: value},
+    return _variant(f"{base.name}@{option}={text}", base.balancer, {**base.options, option: value},
                    "sweep", f"{base.label.split(' (')[0]} ({option}={text})",
                    f"a --sweep point of {base.name}")
 
